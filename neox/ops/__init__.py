@@ -1,1 +1,5 @@
-"""ops."""
+"""ops: the Python face of csrc/ kernels. Models call these; the implementation behind them may change."""
+
+from .attention import build_attention_mask, causal_attention, causal_attention_reference
+
+__all__ = ["build_attention_mask", "causal_attention", "causal_attention_reference"]

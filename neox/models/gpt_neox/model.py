@@ -1,0 +1,241 @@
+"""The GPT-NeoX model (GPT-NeoX-20B / Pythia architecture), readable top to bottom.
+
+Tensor parallelism appears only as the choice of linear layer (megatron_ext Column/Row/VocabParallel);
+pipeline parallelism only as `pre_process` / `post_process` / `layer_range`. Activations are
+[B, T, D] throughout; a TP rank holds num_attention_heads / tp heads and F / tp MLP columns.
+
+Initialisation does not depend on the layout: the embedding, the head and every layer are built under
+their own RNG seed derived from (init_seed, global index), and each parallel layer initialises its
+full master weight before slicing. So TP slices, and pipeline stages, hold exactly the tensors of the
+single-process model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_ext.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    vocab_parallel_cross_entropy,
+)
+from megatron_ext.tensor_parallel.mappings import copy_to_tensor_parallel_region
+from megatron_ext.topology import ParallelState
+from neox.config import ModelConfig
+from neox.models.gpt_neox.rotary import apply_rotary, rotary_cos_sin
+from neox.models.init_methods import InitMethod, derive_seed, get_init_method, seeded
+from neox.ops import build_attention_mask, causal_attention
+
+EMBED_SLOT, HEAD_SLOT, FIRST_LAYER_SLOT = 0, 1, 2
+
+
+def _layer_norm(cfg: ModelConfig) -> nn.LayerNorm:
+    norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+    for p in norm.parameters():
+        p.tp_partition_dim = None  # replicated over TP
+    return norm
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head attention with a fused qkv projection and partial rotary embeddings."""
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, init_method: InitMethod,
+                 output_init_method: InitMethod):
+        super().__init__()
+        d = cfg.hidden_size
+        self.num_heads = cfg.num_attention_heads // ps.tp_size  # heads on this TP rank
+        self.head_dim = cfg.head_dim
+        self.dropout_p = cfg.attention_dropout
+        # rows of the fused weight are laid out [heads, 3 (q, k, v), head_dim], so a TP slice of
+        # rows is a contiguous block of whole heads
+        self.query_key_value = ColumnParallelLinear(d, 3 * d, ps, bias=True, init_method=init_method)
+        self.dense = RowParallelLinear(d, d, ps, bias=True, input_is_parallel=True,
+                                       init_method=output_init_method)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None = None, kv_cache=None) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D]. `kv_cache(k, v) -> (k_all, v_all)` is the hook for decoding."""
+        b, t, _ = x.shape
+        qkv = self.query_key_value(x).view(b, t, self.num_heads, 3, self.head_dim)  # [B, T, Hl, 3, Dh]
+        q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [B, Hl, T, Dh]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache(k, v)  # [B, Hl, Tk, Dh]
+        out = causal_attention(q, k, v, dropout_p=self.dropout_p, attn_mask=attn_mask,
+                               training=self.training)  # [B, Hl, T, Dh]
+        out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)  # [B, T, D/tp]
+        return self.dense(out)
+
+
+class MLP(nn.Module):
+    """dense_h_to_4h -> exact (erf) gelu -> dense_4h_to_h."""
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, init_method: InitMethod,
+                 output_init_method: InitMethod):
+        super().__init__()
+        self.dense_h_to_4h = ColumnParallelLinear(cfg.hidden_size, cfg.ffn_size, ps, bias=True,
+                                                  init_method=init_method)
+        self.dense_4h_to_h = RowParallelLinear(cfg.ffn_size, cfg.hidden_size, ps, bias=True,
+                                               input_is_parallel=True, init_method=output_init_method)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))  # [B, T, D]
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm block; parallel residual (gpt_j_residual) or the sequential GPT-2 form."""
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, init_method: InitMethod,
+                 output_init_method: InitMethod):
+        super().__init__()
+        self.parallel_residual = cfg.gpt_j_residual
+        self.input_norm = _layer_norm(cfg)
+        self.post_attention_norm = _layer_norm(cfg)
+        self.attention = SelfAttention(cfg, ps, init_method, output_init_method)
+        self.mlp = MLP(cfg, ps, init_method, output_init_method)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn_mask: torch.Tensor | None = None, kv_cache=None) -> torch.Tensor:
+        attn = self.dropout(self.attention(self.input_norm(x), cos, sin, attn_mask, kv_cache))
+        if self.parallel_residual:  # x + attn(ln1(x)) + mlp(ln2(x))
+            return self.dropout(self.mlp(self.post_attention_norm(x))) + attn + x
+        x = x + attn
+        return self.dropout(self.mlp(self.post_attention_norm(x))) + x
+
+
+def check_model_config(cfg: ModelConfig, ps: ParallelState) -> None:
+    """Raise ValueError for a config this model cannot build on this TP size."""
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size"):
+        if getattr(cfg, key) is None:
+            raise ValueError(f"model config `{key}` is not set; GPTNeoX needs it")
+    unsupported = {"pos_emb": ("rotary",), "norm": ("layernorm",), "activation": ("gelu",)}
+    for key, ok in unsupported.items():
+        if getattr(cfg, key) not in ok:
+            raise ValueError(f"GPTNeoX supports {key} in {ok}, got {getattr(cfg, key)!r}")
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise ValueError(f"hidden_size {cfg.hidden_size} is not divisible by num_attention_heads "
+                         f"{cfg.num_attention_heads}")
+    if cfg.num_attention_heads % ps.tp_size or cfg.ffn_size % ps.tp_size:
+        raise ValueError(
+            f"num_attention_heads ({cfg.num_attention_heads}) and the MLP width ({cfg.ffn_size}) must be "
+            f"divisible by the tensor-parallel size {ps.tp_size}; choose another tp"
+        )
+    if cfg.rotary_dim % 2:
+        raise ValueError(f"rotary dims per head int(head_dim * rotary_pct) = {cfg.rotary_dim} must be even")
+
+
+class GPTNeoX(nn.Module):
+    """GPT-NeoX decoder, or the slice of it that one pipeline stage holds.
+
+    Args:
+        cfg: architecture (neox.config.ModelConfig); cfg.vocab_size is the real vocab, the embedding
+            holds cfg.padded_vocab_size(tp) rows.
+        ps: parallel layout; only tp_size/tp_rank/tp_group are used here.
+        pre_process: build the embedding (first stage); otherwise forward takes hidden states.
+        post_process: build final norm + head (last stage); otherwise forward returns hidden states.
+        layer_range: (start, stop) global layer indices to build; default all.
+        init_seed: seed of the layout-independent initialisation.
+    """
+
+    def __init__(self, cfg: ModelConfig, ps: ParallelState, *, pre_process: bool = True,
+                 post_process: bool = True, layer_range: tuple[int, int] | None = None,
+                 init_seed: int = 1234):
+        super().__init__()
+        check_model_config(cfg, ps)
+        start, stop = layer_range if layer_range is not None else (0, cfg.num_layers)
+        if not 0 <= start <= stop <= cfg.num_layers:
+            raise ValueError(f"layer_range {layer_range} is not within [0, num_layers={cfg.num_layers}]")
+        self.cfg, self.ps = cfg, ps
+        self.pre_process, self.post_process = pre_process, post_process
+        self.layer_range = (start, stop)
+        self.tied = not cfg.no_weight_tying
+        self.padded_vocab_size = cfg.padded_vocab_size(ps.tp_size)
+        init_method = get_init_method(cfg.init_method, cfg)
+        output_init_method = get_init_method(cfg.output_layer_init_method, cfg)
+
+        # With tied embeddings the last stage needs the embedding matrix too (kept in sync by the
+        # trainer across the embedding group); it is seeded identically, so both copies start equal.
+        if pre_process or (post_process and self.tied):
+            with seeded(derive_seed(init_seed, EMBED_SLOT)):
+                self.embed = VocabParallelEmbedding(self.padded_vocab_size, cfg.hidden_size, ps,
+                                                    init_method=init_method)
+        self.embed_dropout = nn.Dropout(cfg.hidden_dropout)
+        self.layers = nn.ModuleDict()
+        for i in range(start, stop):
+            with seeded(derive_seed(init_seed, FIRST_LAYER_SLOT + i)):
+                self.layers[str(i)] = TransformerLayer(cfg, ps, init_method, output_init_method)
+        if post_process:
+            self.final_norm = _layer_norm(cfg)
+            if not self.tied:
+                with seeded(derive_seed(init_seed, HEAD_SLOT)):
+                    self.lm_head = ColumnParallelLinear(cfg.hidden_size, self.padded_vocab_size, ps,
+                                                        bias=False, init_method=init_method)
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, T] (or hidden states [B, T, D] when not pre_process).
+
+        position_ids [B, T] default 0..T-1; attention_mask [B, T] with 1 for real tokens (for
+        left-padded batches; pass matching position_ids). Returns this TP rank's logits shard
+        [B, T, Vpad/tp], or hidden states [B, T, D] when not post_process.
+        """
+        x = self.embed_dropout(self.embed(input_ids)) if self.pre_process else input_ids  # [B, T, D]
+        t = x.shape[1]
+        if position_ids is None:
+            position_ids = torch.arange(t, device=x.device)[None]  # [1, T]
+        cos, sin = rotary_cos_sin(position_ids, self.cfg.rotary_dim, self.cfg.rotary_emb_base, x.dtype)
+        mask = None if attention_mask is None else build_attention_mask(t, t, attention_mask, x.device)
+        for layer in self.layers.values():
+            x = layer(x, cos, sin, mask)
+        if not self.post_process:
+            return x
+        return self.output_logits(self.final_norm(x))
+
+    def output_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Normed hidden states [B, T, D] -> logits shard [B, T, Vpad/tp]."""
+        if self.tied:  # column-parallel use of the vocab-parallel embedding matrix
+            return F.linear(copy_to_tensor_parallel_region(h, self.ps), self.embed.weight)
+        return self.lm_head(h)
+
+    def loss(self, logits_local: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None,
+             reduction: str = "mean") -> torch.Tensor:
+        """Cross entropy of logits [B, T, Vpad/tp] against labels [B, T] (already shifted: label t is
+        the token after position t). Labels < 0 (HF's -100) are ignored; loss_mask [B, T] weights
+        tokens. Padded vocab columns take no probability mass, so the loss equals that over the real
+        vocab (a converted model gives transformers' loss). reduction: "mean" (over weighted tokens)
+        or "none" (per token, [B, T], unweighted).
+        """
+        valid = labels >= 0
+        per_token = vocab_parallel_cross_entropy(logits_local, labels.clamp(min=0), self.ps,
+                                                 real_vocab_size=self.cfg.vocab_size)  # [B, T]
+        if reduction == "none":
+            return per_token.masked_fill(~valid, 0.0)
+        if reduction != "mean":
+            raise ValueError(f"loss reduction must be 'mean' or 'none', got {reduction!r}")
+        weight = valid.to(per_token.dtype)
+        if loss_mask is not None:
+            weight = weight * loss_mask.to(per_token.dtype)
+        return (per_token * weight).sum() / weight.sum().clamp(min=torch.finfo(weight.dtype).tiny)
+
+
+_PARTITION_DIMS = {
+    "embed.weight": 0,
+    "lm_head.weight": 0,
+    "attention.query_key_value.weight": 0,
+    "attention.query_key_value.bias": 0,
+    "attention.dense.weight": 1,
+    "mlp.dense_h_to_4h.weight": 0,
+    "mlp.dense_h_to_4h.bias": 0,
+    "mlp.dense_4h_to_h.weight": 1,
+}
+
+
+def partition_dim(name: str) -> int | None:
+    """TP partition dim of a parameter given its checkpoint name (None: replicated)."""
+    if name.startswith("layers."):
+        name = name.split(".", 2)[2]
+    return _PARTITION_DIMS.get(name)

@@ -1,0 +1,48 @@
+"""Train a model from gpt-neox-style YAML configs.
+
+    python train.py -c configs/tiny/neox.yml [more.yml ...] [key=value ...]
+
+Config files are merged in order (later wins); ``key=value`` overrides single keys (value parsed as
+YAML). Works as one process, or under torchrun / srun / mpirun.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from neox.config import ConfigError, load_config
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--conf", nargs="+", required=True, metavar="YAML", help="config files, merged in order")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="single-key overrides")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.conf, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+    from megatron_ext.launch import init_distributed
+    from megatron_ext.topology import ParallelState
+    from neox.training.runner import pretrain
+
+    rank, world = init_distributed()
+    p = cfg.parallel
+    ps = ParallelState.single() if world == 1 else ParallelState.from_sizes(tp=p.tp_size, pp=p.pp_size)
+    try:
+        pretrain(cfg, ps)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
