@@ -18,7 +18,11 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-c", "--conf", nargs="+", required=True, metavar="YAML", help="config files, merged in order")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="single-key overrides")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # `-c a.yml b.yml key=value` : argparse hands everything after -c to conf; split off the overrides
+    args.overrides = [a for a in args.conf if "=" in a] + args.overrides
+    args.conf = [a for a in args.conf if "=" not in a]
+    return args
 
 
 def main(argv=None) -> int:

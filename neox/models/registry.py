@@ -20,7 +20,8 @@ from neox.config import ModelConfig
 class ModelSpec:
     """What the rest of neox needs to know about one model family.
 
-    build(cfg, ps, *, pre_process, post_process, layer_range, init_seed) -> nn.Module
+    build(cfg, ps, *, pre_process, post_process, layer_range, init_seed, options, rng_tracker) -> nn.Module
+        (options: neox.models.parallel.ParallelOptions; rng_tracker: megatron_ext RNGStatesTracker)
     partition_dim(param_name) -> TP split dim of a checkpoint tensor (None: replicated)
     hf_adapter: dotted module with hf_config_to_neox / neox_config_to_hf / hf_to_neox_state_dict /
         neox_to_hf_state_dict, or None; hf_model_type: the transformers `model_type` it converts.
@@ -55,7 +56,7 @@ def registered_models() -> list[str]:
 
 def build_model(model_cfg: ModelConfig, ps: ParallelState, **kwargs) -> nn.Module:
     """Build `model_cfg.model_type` for this rank (kwargs: pre_process, post_process, layer_range,
-    init_seed)."""
+    init_seed, options, rng_tracker)."""
     return get_model_spec(model_cfg.model_type).build(model_cfg, ps, **kwargs)
 
 

@@ -20,6 +20,7 @@ class LoopSettings:
     checkpoint_factor: int = 0  # save every N steps; 0 = only at the end
     extra_save_iters: list[int] = field(default_factory=list)
     max_nonfinite_losses: int = 0  # non-finite losses tolerated (skipped) before the run stops
+    exit_interval: int = 0  # stop (with a checkpoint) after this many steps of this run; 0 = never
 
 
 class NonFiniteLossError(RuntimeError):
@@ -33,7 +34,10 @@ def run(stage: Stage, settings: LoopSettings, logger: ProgressLogger, start_step
     evals: list[tuple[int, float]] = []
     nonfinite = 0
     saved_at = None
-    for step in range(start_step + 1, settings.train_iters + 1):
+    stop_at = settings.train_iters
+    if settings.exit_interval:
+        stop_at = min(stop_at, start_step + settings.exit_interval)
+    for step in range(start_step + 1, stop_at + 1):
         res = stage.train_step(step)
         if not math.isfinite(res.loss):
             nonfinite += 1
@@ -58,14 +62,15 @@ def run(stage: Stage, settings: LoopSettings, logger: ProgressLogger, start_step
                 logger.eval(step, metrics["loss"])
                 evals.append((step, metrics["loss"]))
         if settings.save_dir and (
-            is_last
+            step == stop_at
             or (settings.checkpoint_factor and step % settings.checkpoint_factor == 0)
             or step in settings.extra_save_iters
         ):
             saved_at = stage.save(Path(settings.save_dir), step)
             logger.print(f"saved checkpoint {saved_at}")
     wall = time.perf_counter() - t0
-    logger.print(f"training done: {settings.train_iters - start_step} steps in {format_duration(wall)}"
+    what = "training done" if stop_at == settings.train_iters else f"stopped at step {stop_at} (exit_interval)"
+    logger.print(f"{what}: {stop_at - start_step} steps in {format_duration(wall)}"
                  + (f", final eval loss {evals[-1][1]:.4f}" if evals else ""))
     return {"first_loss": first_loss, "last_loss": last_loss, "evals": evals, "wall_s": wall,
             "checkpoint": str(saved_at) if saved_at else None}

@@ -44,7 +44,7 @@ def describe_run(cfg: NeoXConfig, ps, n_params: int) -> str:
 
 
 def build_pretraining(cfg: NeoXConfig, ps, logger: ProgressLogger) -> PretrainStage:
-    from neox.data.gpt_dataset import build_train_valid_test_datasets, make_batch_iterator
+    from neox.data.gpt_dataset import build_datasets_from_config, make_batch_iterator
     from neox.models.registry import build_model
 
     if ps.world_size > 1:
@@ -62,9 +62,7 @@ def build_pretraining(cfg: NeoXConfig, ps, logger: ProgressLogger) -> PretrainSt
     global_batch = t.global_batch(ps.dp_size)
     eval_runs = t.train_iters // t.eval_interval + 1 if t.eval_interval else 1
     num_samples = (t.train_iters * global_batch, eval_runs * t.eval_iters * t.train_micro_batch_size_per_gpu, 0)
-    train_ds, valid_ds, _ = build_train_valid_test_datasets(
-        cfg, tok, num_samples=num_samples, seed=t.seed, seq_length=cfg.model.seq_length
-    )
+    train_ds, valid_ds, _ = build_datasets_from_config(cfg, tok, num_samples)
     mb = t.train_micro_batch_size_per_gpu
 
     def train_batches(start_sample: int):
@@ -110,7 +108,7 @@ def pretrain(cfg: NeoXConfig, ps) -> dict:
     settings = LoopSettings(
         train_iters=t.train_iters, log_interval=t.log_interval, eval_interval=t.eval_interval,
         save_dir=t.save, checkpoint_factor=t.checkpoint_factor or 0,
-        extra_save_iters=list(t.extra_save_iters or []),
+        extra_save_iters=list(t.extra_save_iters or []), exit_interval=t.exit_interval or 0,
     )
     return run(stage, settings, logger, start_step=start)
 

@@ -170,3 +170,31 @@ def test_left_padding_matches_unpadded():
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(padded, position_ids=pos, attention_mask=mask)
     torch.testing.assert_close(out[:, 3:], model(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_tied_embedding_stages_share_and_sum_grads_to_full_model():
+    """Tied embeddings split over two pipeline stages: each holds `embed.weight` (tagged
+    shared_embedding); composing the stages gives the full model's logits, and the two copies' grads
+    summed (what the all-reduce over the embedding group does) give the full model's gradient."""
+    cfg = tiny(no_weight_tying=False)
+    ps = ParallelState.single()
+    full = GPTNeoX(cfg, ps, init_seed=5)
+    first = GPTNeoX(cfg, ps, post_process=False, layer_range=(0, 2), init_seed=5)
+    last = GPTNeoX(cfg, ps, pre_process=False, layer_range=(2, 4), init_seed=5)
+    assert full.shared_embedding_params() == []
+    assert first.shared_embedding_params() == [first.embed.weight]
+    assert last.shared_embedding_params() == [last.embed.weight]
+    assert "lm_head.weight" not in last.state_dict()
+    ids = torch.randint(0, 1000, (2, 7))
+    full_logits = full(ids)
+    hidden = first(ids)
+    assert hidden.shape == (2, 7, 64)
+    stage_in = hidden.detach().requires_grad_()  # what a pipeline receives from the previous stage
+    logits = last(stage_in)
+    torch.testing.assert_close(logits, full_logits, rtol=0, atol=0)
+    full_logits.square().mean().backward()
+    logits.square().mean().backward()
+    hidden.backward(stage_in.grad)
+    torch.testing.assert_close(first.embed.weight.grad + last.embed.weight.grad, full.embed.weight.grad)
+    untied = GPTNeoX(tiny(no_weight_tying=True), ps, post_process=False, layer_range=(0, 2))
+    assert untied.shared_embedding_params() == []
