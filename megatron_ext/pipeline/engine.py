@@ -133,7 +133,7 @@ def _run_exchange(action: Exchange, ps, shape, dtype, device, forward_only, inpu
             ops.append(("recv", buf, peer))
             landed.append((inputs if isinstance(op, RecvActivation) else out_grads, key, buf))
             assert isinstance(op, (RecvActivation, RecvGrad))
-    p2p.exchange(ops[::-1], ps.pp_group)
+    p2p.exchange(ops, ps.pp_group)
     for store, key, buf in landed:
         if store is inputs and not forward_only:
             buf.requires_grad_(True)

@@ -7,10 +7,12 @@ its layers' gradients with a plain single-process loop over the microbatches.
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from megatron_ext.pipeline import get_schedule, partition_layers, run_schedule
+from megatron_ext.pipeline.p2p import send_recv_shapes
 from megatron_ext.testing import run_distributed
 from megatron_ext.topology import ParallelState
 
@@ -19,24 +21,25 @@ TOL = 1e-6
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "forward_only")
 
 
-def _layers() -> list[nn.Linear]:
+def _layers(device="cpu") -> list[nn.Linear]:
     torch.manual_seed(0)
-    return [nn.Linear(D, D) for _ in range(L)]
+    return [nn.Linear(D, D).to(device) for _ in range(L)]
 
 
-def _batch(mb: int, dp_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(mb: int, dp_rank: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 * dp_rank + mb)
-    return torch.randn(B, T, D, generator=g), torch.randn(B, T, D, generator=g)  # [B, T, D] input, target
+    x, target = torch.randn(B, T, D, generator=g), torch.randn(B, T, D, generator=g)  # [B, T, D]
+    return x.to(device), target.to(device)
 
 
-def _reference(m: int, dp_rank: int):
+def _reference(m: int, dp_rank: int, device="cpu"):
     """Single process: per-microbatch losses, final grads, and grads before the last microbatch."""
-    layers = _layers()
+    layers = _layers(device)
     losses, partial = [], None
     for mb in range(m):
         if mb == m - 1:
             partial = [None if lin.weight.grad is None else lin.weight.grad.clone() for lin in layers]
-        h, target = _batch(mb, dp_rank)
+        h, target = _batch(mb, dp_rank, device)
         for lin in layers:
             h = torch.tanh(lin(h))
         loss = F.mse_loss(h, target) / m
@@ -45,14 +48,14 @@ def _reference(m: int, dp_rank: int):
     return losses, [(lin.weight.grad, lin.bias.grad) for lin in layers], partial
 
 
-def _run_case(ps: ParallelState, name: str, vpp: int, m: int) -> dict:
-    layers = _layers()
+def _run_case(ps: ParallelState, name: str, vpp: int, m: int, device="cpu") -> dict:
+    layers = _layers(device)
     ranges = partition_layers(L, ps.pp_size, vpp)[ps.pp_rank]  # [(start, stop)] per local chunk
     chunks = [nn.ModuleList(layers[a:b]) for a, b in ranges]
     last = ps.pp_rank == ps.pp_size - 1
 
     def forward_step(c: int, mb: int, x):
-        inp, target = _batch(mb, ps.dp_rank)
+        inp, target = _batch(mb, ps.dp_rank, device)
         h = inp if x is None else x
         for lin in chunks[c]:
             h = torch.tanh(lin(h))
@@ -60,7 +63,7 @@ def _run_case(ps: ParallelState, name: str, vpp: int, m: int) -> dict:
             return F.mse_loss(h, target) / m
         return h
 
-    ref_losses, ref_grads, ref_partial = _reference(m, ps.dp_rank)
+    ref_losses, ref_grads, ref_partial = _reference(m, ps.dp_rank, device)
     hook_errors = []
 
     def on_last_backward(c: int):  # must fire once per chunk, before the last microbatch's backward
@@ -71,7 +74,7 @@ def _run_case(ps: ParallelState, name: str, vpp: int, m: int) -> dict:
     fwd_only = name == "forward_only"
     actions = get_schedule(name, ps.pp_size, ps.pp_rank, m, vpp)
     losses = run_schedule(actions, ps=ps, chunks=chunks, forward_step=forward_step, num_microbatches=m,
-                          tensor_shape=(B, T, D), dtype=torch.float32, device="cpu", forward_only=fwd_only,
+                          tensor_shape=(B, T, D), dtype=torch.float32, device=device, forward_only=fwd_only,
                           on_last_backward=None if fwd_only else on_last_backward)
     out = {"n_losses": len(losses), "loss": 0.0, "grad": 0.0}
     if last:
@@ -90,6 +93,10 @@ def _run_case(ps: ParallelState, name: str, vpp: int, m: int) -> dict:
 
 def _worker(pp: int, cases: list[tuple[str, int, int]]) -> dict:
     ps = ParallelState.from_sizes(tp=1, pp=pp)
+    # optional shape handshake along the chain: every stage tells the next one a shape of its own
+    got = send_recv_shapes((ps.pp_rank + 1, 7), None if ps.is_last_stage else ps.next_pp_rank,
+                           None if ps.is_first_stage else ps.prev_pp_rank, ps.pp_group)
+    assert got == (None if ps.is_first_stage else (ps.pp_rank, 7)), got
     return {case: _run_case(ps, *case) for case in cases}
 
 
@@ -132,3 +139,20 @@ def test_pp2_dp2_independent_replicas():
 
     results = run_distributed(worker, 4, timeout=60)
     _check(results, 2, ranks_per_stage=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL pipeline test needs 2 CUDA devices")
+def test_schedules_nccl():
+    # same checks with CUDA tensors over NCCL (tag-free, per-pair FIFO p2p); one GPU per rank
+    cases = [("gpipe", 1, 4), ("1f1b", 1, 4), ("interleaved", 2, 4), ("forward_only", 2, 4)]
+
+    def worker():
+        device = torch.device("cuda", dist.get_rank())
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        ps = ParallelState.from_sizes(tp=1, pp=2)
+        return {case: _run_case(ps, *case, device=device) for case in cases}
+
+    results = run_distributed(worker, 2, timeout=120, backend="nccl")
+    _check(results, 2)
