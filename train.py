@@ -39,7 +39,8 @@ def main(argv=None) -> int:
 
     rank, world = init_distributed()
     p = cfg.parallel
-    ps = ParallelState.single() if world == 1 else ParallelState.from_sizes(tp=p.tp_size, pp=p.pp_size)
+    ps = ParallelState.single() if world == 1 else ParallelState.from_sizes(
+        tp=p.tp_size, pp=p.pp_size, vpp=p.virtual_size if p.virtual_size > 1 else None)
     try:
         pretrain(cfg, ps)
     except ConfigError as e:

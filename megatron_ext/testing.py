@@ -8,6 +8,7 @@ child, so a rank stuck in a collective never hangs the test run.
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import shutil
@@ -35,7 +36,11 @@ def _child(fn: Callable, rank: int, world_size: int, store_path: str, backend: s
         torch.set_num_threads(1)
         dist.init_process_group(backend, init_method=f"file://{store_path}", rank=rank, world_size=world_size)
         result = fn(*args, **kwargs)
-        conn.send(("ok", result))
+        # torch.save bytes, not the pipe's own pickling: multiprocessing shares tensors through file
+        # descriptors that die with this process, so the parent could not read them after we exit
+        buf = io.BytesIO()
+        torch.save(result, buf)
+        conn.send(("ok", buf.getvalue()))
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
         tb = traceback.format_exc()
         try:
@@ -121,7 +126,7 @@ def _collect(procs, conns: dict, world_size: int, timeout: float) -> list:
                     procs[rank].join(timeout=1)
                     msg = ("error", f"process exited with code {procs[rank].exitcode} without a result", "")
                 if msg[0] == "ok":
-                    results[rank] = msg[1]
+                    results[rank] = torch.load(io.BytesIO(msg[1]), weights_only=False)  # our own child
                 else:
                     errors[rank] = (msg[1], msg[2])
             elif obj in sentinels:

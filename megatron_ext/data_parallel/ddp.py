@@ -51,10 +51,14 @@ class DataParallel(nn.Module):
         reduce_scatter: ZeRO-1 mode, reduce-scatter each bucket instead of all-reducing it.
         overlap: start bucket collectives from backward hooks (else all at ``finish_grad_sync``).
         broadcast_params: copy DP rank 0's parameters to the other DP ranks at construction.
+        sync_sequence_parallel: sum the grads of params tagged ``sequence_parallel`` over TP inside
+            ``finish_grad_sync`` (before their DP reduction). Then do NOT also call
+            ``tensor_parallel.sync_sequence_parallel_grads`` (it would sum twice).
     """
 
     def __init__(self, module: nn.Module, ps: ParallelState, *, bucket_size: int = DEFAULT_BUCKET_SIZE,
-                 reduce_scatter: bool = False, overlap: bool = True, broadcast_params: bool = True):
+                 reduce_scatter: bool = False, overlap: bool = True, broadcast_params: bool = True,
+                 sync_sequence_parallel: bool = True):
         super().__init__()
         self.module, self.ps = module, ps
         self.reduce_scatter, self.overlap = reduce_scatter, overlap
@@ -62,15 +66,23 @@ class DataParallel(nn.Module):
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
             raise ValueError("DataParallel: the module has no parameters that require grad")
+        # Sequence-parallel params (replicated over TP, grads partial per TP rank) go to buffers launched
+        # last, after finish_grad_sync has summed them over TP: the TP sum must precede the DP reduction
+        # because under ZeRO the TP ranks' buffer layouts (and so their shards) differ.
+        self.sync_sequence_parallel = sync_sequence_parallel and ps.tp_size > 1
         by_dtype: dict[tuple, list[nn.Parameter]] = {}
         for p in reversed(params):  # backward produces grads roughly in reverse registration order
-            by_dtype.setdefault((str(p.dtype), str(p.device)), []).append(p)
+            sp = self.sync_sequence_parallel and bool(getattr(p, "sequence_parallel", False))
+            by_dtype.setdefault((sp, str(p.dtype), str(p.device)), []).append(p)
         self.buffers: list[GradBuffer] = []
         self.buckets: list[Bucket] = []
         for key in sorted(by_dtype):
             buf = GradBuffer(by_dtype[key], bucket_size, ps.dp_size, first_bucket_index=len(self.buckets))
             self.buffers.append(buf)
             self.buckets.extend(buf.buckets)
+        self._sp_params = [p for key in sorted(by_dtype) if key[0] for p in by_dtype[key]]
+        sp_ids = {id(p) for p in self._sp_params}
+        self._first_sp_bucket = next((b.index for b in self.buckets if id(b.params[0]) in sp_ids), len(self.buckets))
         self._bucket_of: dict[int, Bucket] = {id(p): b for b in self.buckets for p in b.params}
         self._view_of: dict[int, torch.Tensor] = {}
         for buf in self.buffers:
@@ -143,7 +155,7 @@ class DataParallel(nn.Module):
             self._launch_ready_in_order()
 
     def _launch_ready_in_order(self) -> None:
-        while self._next_launch < len(self.buckets) and self.buckets[self._next_launch].is_complete():
+        while self._next_launch < self._first_sp_bucket and self.buckets[self._next_launch].is_complete():
             self._launch(self.buckets[self._next_launch])
             self._next_launch += 1
 
@@ -167,6 +179,14 @@ class DataParallel(nn.Module):
                 view = self._view_of[id(p)]
                 view.zero_()
                 p.grad = view
+        if self._sp_params:  # one flat TP all-reduce of all sequence-parallel grads
+            grads = [p.grad for p in self._sp_params]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self.ps.tp_group)
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset: offset + g.numel()].view_as(g))
+                offset += g.numel()
         while self._next_launch < len(self.buckets):
             self._launch(self.buckets[self._next_launch])
             self._next_launch += 1

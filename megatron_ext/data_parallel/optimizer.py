@@ -53,16 +53,14 @@ class DistributedOptimizer(MasterParamOptimizer):
                          dp_sharded=ps.dp_size > 1)
         self.ddp = ddp
         self.pieces, self._grad_views, self._bucket_pieces = [], {}, {}
-        for p, lo, hi, grad_view in ddp.grad_shard_views():
-            piece = MasterPiece(p, p.detach().reshape(-1)[lo:hi].float().clone(), lo, hi, counts_toward_norm(p, ps))
-            self.pieces.append(piece)
-            self._grad_views[id(piece)] = grad_view
-        for bucket in ddp.buckets:
+        for bucket in ddp.buckets:  # pieces ordered by (bucket, offset): the shard layout
             lo, hi = bucket.shard_range(ps.dp_rank)
-            self._bucket_pieces[bucket.index] = [
-                (piece, off) for piece in self.pieces for q, a, _b, off in bucket.buffer.param_ranges_in(lo, hi, bucket)
-                if q is piece.param and a == piece.lo
-            ]
+            self._bucket_pieces[bucket.index] = []
+            for p, a, b, buf_lo in bucket.buffer.param_ranges_in(lo, hi, bucket):
+                piece = MasterPiece(p, p.detach().reshape(-1)[a:b].float().clone(), a, b, counts_toward_norm(p, ps))
+                self.pieces.append(piece)
+                self._grad_views[id(piece)] = bucket.buffer.data[buf_lo: buf_lo + (b - a)]
+                self._bucket_pieces[bucket.index].append((piece, buf_lo))
         pieces_of: dict[int, list[MasterPiece]] = {}
         for piece in self.pieces:
             pieces_of.setdefault(id(piece.param), []).append(piece)

@@ -32,12 +32,40 @@ def _barrier(ps) -> None:
         dist.barrier()
 
 
-def model_tensor_entries(model: torch.nn.Module, tp_size: int) -> dict[str, dict]:
-    """Manifest entries (global shape, partition dim) for this stage's parameters."""
-    params = dict(model.named_parameters())
+def _modules(model) -> list[torch.nn.Module]:
+    return list(model) if isinstance(model, (list, tuple, torch.nn.ModuleList)) else [model]
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2 DTensor -> whole tensor
+
+
+def is_shared_copy(module: torch.nn.Module, param) -> bool:
+    """A tied-embedding copy on a stage that is not the first: saved once, by the first stage."""
+    return bool(getattr(param, "shared_embedding", False)) and not getattr(module, "pre_process", True)
+
+
+def shard_state(model) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """(tensors this rank saves, their manifest entries) over all of its model chunks."""
+    tensors, partition = {}, {}
+    for module in _modules(model):
+        params = dict(module.named_parameters())
+        for name, t in module.state_dict().items():
+            p = params.get(name)
+            if p is not None and is_shared_copy(module, p):
+                continue
+            assert name not in tensors, f"two model chunks on one rank both hold {name!r}"
+            tensors[name] = _full(t).detach().contiguous().cpu()
+            partition[name] = getattr(p, "tp_partition_dim", None)
+    return tensors, partition
+
+
+def model_tensor_entries(model, tp_size: int) -> dict[str, dict]:
+    """Manifest entries (global shape, partition dim) for this rank's parameters."""
+    tensors, partition = shard_state(model)
     entries = {}
-    for name, t in model.state_dict().items():
-        dim = getattr(params.get(name), "tp_partition_dim", None)
+    for name, t in tensors.items():
+        dim = partition[name]
         shape = list(t.shape)
         if dim is not None:
             shape[dim] *= tp_size
@@ -69,9 +97,13 @@ def _gather_entries(entries: dict, ps) -> dict:
     return merged
 
 
-def save_checkpoint(run_dir, iteration: int, *, model: torch.nn.Module, optimizer, config: NeoXConfig,
-                    ps=None, trainer_state: Mapping | None = None) -> Path:
-    """Write ``run_dir/global_step{iteration}`` from every rank (collective when distributed)."""
+def save_checkpoint(run_dir, iteration: int, *, model, optimizer, config: NeoXConfig, ps=None,
+                    trainer_state: Mapping | None = None, rng_tracker=None) -> Path:
+    """Write ``run_dir/global_step{iteration}`` from every rank (collective when distributed).
+
+    ``model`` is a module or this rank's list of pipeline chunks (global parameter names);
+    ``rng_tracker`` (per-TP-rank dropout streams) is saved with the default RNG state.
+    """
     tp, pp, dp = (ps.tp_size, ps.pp_size, ps.dp_size) if ps is not None else (1, 1, 1)
     tp_rank, pp_rank, dp_rank = (ps.tp_rank, ps.pp_rank, ps.dp_rank) if ps is not None else (0, 0, 0)
     rank = ps.rank if ps is not None else 0
@@ -79,13 +111,16 @@ def save_checkpoint(run_dir, iteration: int, *, model: torch.nn.Module, optimize
 
     def fill_rank(tmp: Path) -> None:
         if dp_rank == 0:
-            sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+            sd, _ = shard_state(model)
             save_file(sd, str(tmp / shard_file_name(tp_rank, pp_rank)), metadata={"format": "pt"})
         extra = tmp / "extra"
         extra.mkdir(exist_ok=True)
         if optimizer is not None:
             torch.save(optimizer.state_dict(), extra / f"optim_rank{rank:05d}.pt")
-        save_file(rng_state(), str(extra / f"rng_rank{rank:05d}.safetensors"))
+        rng = rng_state()
+        if rng_tracker is not None:
+            rng.update({f"tracker.{k}": v for k, v in rng_tracker.get_states().items()})
+        save_file(rng, str(extra / f"rng_rank{rank:05d}.safetensors"))
 
     def fill(tmp: Path) -> None:
         fill_rank(tmp)
@@ -117,8 +152,8 @@ def _save_distributed(run_dir: Path, iteration: int, fill_rank, fill, ps) -> Pat
     return run_dir / f"global_step{iteration}"
 
 
-def load_checkpoint(path, *, model: torch.nn.Module, optimizer=None, ps=None, step: int | None = None,
-                    load_rng: bool = True) -> dict:
+def load_checkpoint(path, *, model, optimizer=None, ps=None, step: int | None = None,
+                    load_rng: bool = True, rng_tracker=None) -> dict:
     """Restore a checkpoint written in the same layout; returns the manifest's trainer_state."""
     step_dir = resolve_step_dir(path, step)
     manifest = read_manifest(step_dir)
@@ -133,19 +168,32 @@ def load_checkpoint(path, *, model: torch.nn.Module, optimizer=None, ps=None, st
     tp_rank, pp_rank = (ps.tp_rank, ps.pp_rank) if ps is not None else (0, 0)
     rank = ps.rank if ps is not None else 0
     sd = load_file(str(step_dir / shard_file_name(tp_rank, pp_rank)))
-    own = model.state_dict()
-    for name, t in own.items():
-        if name not in sd:
-            raise CheckpointError(f"checkpoint {step_dir} has no tensor {name!r} that this model needs")
-        if sd[name].shape != t.shape:
-            raise CheckpointError(
-                f"tensor {name!r}: checkpoint shape {list(sd[name].shape)} != model shape {list(t.shape)}; "
-                "the checkpoint is of another model shape"
-            )
-    unexpected = sorted(set(sd) - set(own))
+    needed: set[str] = set()
+    for module in _modules(model):
+        own = module.state_dict()
+        params = dict(module.named_parameters())
+        for name, t in own.items():
+            src = sd
+            if name not in sd and params.get(name) is not None and is_shared_copy(module, params[name]):
+                src = load_file(str(step_dir / shard_file_name(tp_rank, 0)))  # the first stage saved it
+            if name not in src:
+                raise CheckpointError(f"checkpoint {step_dir} has no tensor {name!r} that this model needs")
+            if src[name].shape != _full(t).shape:
+                raise CheckpointError(
+                    f"tensor {name!r}: checkpoint shape {list(src[name].shape)} != model shape "
+                    f"{list(_full(t).shape)}; the checkpoint is of another model shape"
+                )
+            needed.add(name)
+            with torch.no_grad():
+                if hasattr(t, "full_tensor"):  # FSDP2: load our shard of the whole tensor
+                    from torch.distributed.tensor import distribute_tensor
+
+                    t.copy_(distribute_tensor(src[name].to(t.dtype), t.device_mesh, t.placements))
+                else:
+                    t.copy_(src[name])
+    unexpected = sorted(set(sd) - needed)
     if unexpected:
         raise CheckpointError(f"checkpoint {step_dir} holds tensors this model lacks: {unexpected[:5]}")
-    model.load_state_dict(sd)
     extra = step_dir / "extra"
     if optimizer is not None:
         f = extra / f"optim_rank{rank:05d}.pt"
@@ -155,7 +203,11 @@ def load_checkpoint(path, *, model: torch.nn.Module, optimizer=None, ps=None, st
     if load_rng:
         f = extra / f"rng_rank{rank:05d}.safetensors"
         if f.is_file():
-            set_rng_state(load_file(str(f)))
+            rng = load_file(str(f))
+            set_rng_state(rng)
+            tracked = {k.removeprefix("tracker."): v for k, v in rng.items() if k.startswith("tracker.")}
+            if rng_tracker is not None and tracked:
+                rng_tracker.set_states(tracked)
     return dict(manifest.get("trainer_state", {}), iteration=manifest["iteration"])
 
 

@@ -9,6 +9,7 @@ from .fields import opt, require_choice, require_positive
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 PARTITION_METHODS = ("uniform", "parameters")
+SCHEDULES = ("1f1b", "gpipe", "interleaved")
 
 
 @dataclass
@@ -31,7 +32,18 @@ class ParallelConfig:
         "'type:transformer|mlp' means the same) or 'parameters' (balance parameter counts).",
         PARTITION_METHODS,
     )
-    zero_stage: int = opt(0, "ZeRO stage: 0 (off) or 1 (optimizer state sharded over DP).", (0, 1))
+    pipeline_schedule: str = opt(
+        "1f1b",
+        "Pipeline schedule (neox extension): '1f1b', 'gpipe', or 'interleaved' (1F1B over virtual stages; "
+        "'1f1b' becomes it when num_virtual_pipeline_stages > 1).",
+        SCHEDULES,
+    )
+    zero_stage: int = opt(
+        0,
+        "ZeRO stage: 0 (off), 1 (optimizer state and fp32 master weights sharded over DP), 2 or 3 "
+        "(PyTorch FSDP2: also gradients, and for 3 parameters; needs PP = TP = 1).",
+        (0, 1, 2, 3),
+    )
     zero_reduce_bucket_size: int = opt(500_000_000, "Elements per gradient-reduction bucket.")
     zero_allgather_bucket_size: int = opt(500_000_000, "Elements per ZeRO-1 parameter all-gather bucket.")
     checkpoint_activations: bool = opt(False, "Recompute each layer's activations in the backward pass.")
@@ -77,12 +89,22 @@ class ParallelConfig:
         require_positive(self, "model_parallel_size", "checkpoint_num_layers", "zero_reduce_bucket_size",
                          "zero_allgather_bucket_size", "loss_scale_window")
         require_positive(self, "num_virtual_pipeline_stages", optional=True)
-        for key in ("pipe_partition_method", "zero_stage", "precision"):
+        for key in ("pipe_partition_method", "zero_stage", "precision", "pipeline_schedule"):
             require_choice(self, key)
         if self.virtual_size > 1 and self.pp_size < 2:
             raise ConfigError(
                 f"num_virtual_pipeline_stages={self.num_virtual_pipeline_stages} needs pipe_parallel_size "
                 f">= 2 (got {self.pipe_parallel_size}); unset it or add pipeline stages"
+            )
+        if self.zero_stage >= 2 and (self.pp_size > 1 or self.tp_size > 1):
+            raise ConfigError(
+                f"zero_stage {self.zero_stage} (FSDP) needs pipe_parallel_size and model_parallel_size 1, got "
+                f"PP {self.pp_size} x TP {self.tp_size}; use zero_stage 1 with tensor/pipeline parallelism"
+            )
+        if self.pipeline_schedule == "interleaved" and self.virtual_size < 2:
+            raise ConfigError(
+                "pipeline_schedule 'interleaved' needs num_virtual_pipeline_stages >= 2 (model chunks per "
+                "pipeline rank); set it, or use pipeline_schedule '1f1b'"
             )
         if self.loss_scale < 0 or self.min_loss_scale <= 0 or self.hysteresis < 1:
             raise ConfigError(

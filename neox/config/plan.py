@@ -1,4 +1,5 @@
-"""Analytic sizes of a model: exact parameter counts (total and per GPU) and training FLOPs per token.
+"""Analytic sizes of a model: exact parameter counts (total and per GPU), training FLOPs per token and
+memory per GPU (model states and activations, per pipeline stage; formulas in docs/planning.md).
 
 Pure arithmetic on ModelConfig (no torch), so `tools/plan.py` can size a 20B run on a laptop.
 GPT-NeoX parameter layout (names as the checkpoint format):
@@ -114,3 +115,152 @@ def flops_per_token(m: ModelConfig, tp: int = 1, checkpoint_activations: bool = 
     model = 3 * forward
     hardware = model + (L * layer_fwd if checkpoint_activations else 0)
     return {"forward": float(forward), "model": float(model), "hardware": float(hardware)}
+
+
+# ------------------------------------------------------------------------------------------------ memory
+# Bytes per parameter of the model states, by training precision: (params, grads, optimizer).
+# Mixed precision (fp16/bf16) is DeepSpeed/Megatron-style: 16-bit params and grads, and an fp32 master
+# copy next to the optimizer's fp32 moments. megatron_ext's optimizers keep the fp32 master even when the
+# model itself is fp32 (one code path), so fp32 training pays it too.
+PRECISION_BYTES = {"fp16": (2, 2), "bf16": (2, 2), "fp32": (4, 4)}
+MASTER_BYTES = 4
+
+
+def optimizer_states(optimizer: str = "Adam", momentum: float = 0.0) -> int:
+    """fp32 tensors the torch optimizer keeps per parameter: Adam/AdamW m and v; Lion m; SGD its
+    momentum buffer only when momentum > 0."""
+    if optimizer in ("Adam", "AdamW"):
+        return 2
+    if optimizer == "Lion":
+        return 1
+    if optimizer == "SGD":
+        return 1 if momentum > 0 else 0
+    raise ConfigError(f"optimizer type {optimizer!r} has no memory model; use Adam, AdamW, SGD or Lion")
+
+
+def model_state_bytes(params: int, precision: str, dp: int = 1, zero_stage: int = 0, optimizer: str = "Adam",
+                      momentum: float = 0.0) -> dict:
+    """Parameter, gradient and optimizer bytes of one GPU holding `params` parameters.
+
+    ZeRO-1 shards the optimizer part (fp32 master + moments) evenly over the `dp` data-parallel ranks;
+    params and grads stay whole (that would be ZeRO-2/3). Mixed precision with Adam: 2 + 2 + 12 bytes.
+    """
+    if precision not in PRECISION_BYTES:
+        raise ConfigError(f"precision {precision!r} has no memory model; use fp32, fp16 or bf16")
+    p_bytes, g_bytes = PRECISION_BYTES[precision]
+    o_bytes = MASTER_BYTES + 4 * optimizer_states(optimizer, momentum)
+    full = params * o_bytes
+    return {
+        "bytes_per_param": {"params": p_bytes, "grads": g_bytes, "optimizer": o_bytes},
+        "params": params * p_bytes,
+        "grads": params * g_bytes,
+        "optimizer_no_zero": full,
+        "optimizer_zero1": full / dp,
+        "optimizer": full / dp if zero_stage >= 1 else full,
+    }
+
+
+def layer_activation_bytes(s: int, b: int, h: int, a: int, f: int | None = None, tp: int = 1,
+                           sequence_parallel: bool = False, selective: bool = False, act_bytes: int = 2) -> float:
+    """Activations one transformer layer keeps for backward, per micro-batch, on one TP rank.
+
+    Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models" (Sec. 4),
+    with 16-bit activations (act_bytes e = 2), 1-byte dropout masks and F = 4h:
+        no parallelism      sbh (34 + 5as/h)
+        TP t                sbh (10 + 24/t + 5as/(ht))
+        TP t + SP           sbh/t (34 + 5as/h)
+        selective recompute drops the 5as/h term (softmax, its dropout mask and output are recomputed).
+    Written out per tensor so fp32 (e = 4) and F != 4h also work:
+        replicated over TP (split by SP)  sbh (4e + 2)      two norm inputs, QKV and h->F inputs, 2 masks
+        split over TP                     sbh (4 + 2F/h) e  Q, K, V, dense input, h->F output, GeLU output
+        attention scores, split over TP   a s^2 b (2e + 1)  softmax, dropout output, dropout mask
+    At e = 2, F = 4h these are the paper's 10, 24 and 5.
+    """
+    f = 4 * h if f is None else f
+    sbh = s * b * h
+    replicated = sbh * (4 * act_bytes + 2) / (tp if sequence_parallel else 1)
+    split = sbh * (4 + 2 * f / h) * act_bytes / tp
+    scores = 0 if selective else a * s * s * b * (2 * act_bytes + 1) / tp
+    return replicated + split + scores
+
+
+def microbatches_in_flight(pp: int, stage: int, grad_accum: int, virtual: int = 1) -> int:
+    """Model chunks whose activations one pipeline rank holds at the peak of a training step.
+
+    1F1B: stage r runs pp - r - 1 warm-up forwards before its first backward, so pp - r micro-batches
+    are in flight (fewer if there are fewer micro-batches). Interleaved (v chunks of L/(pv) layers per
+    rank, Megatron's warm-up of 2(p - r - 1) + (v - 1)p forwards): on the first stage pv + p - 1 chunks,
+    i.e. p micro-batches of L/p layers times (1 + (p - 1)/(pv)) -- the paper's interleaving factor.
+    """
+    if pp == 1:
+        return 1
+    if virtual == 1:
+        return min(pp - stage, grad_accum)
+    total = grad_accum * virtual
+    if grad_accum == pp:
+        return total
+    return min(2 * (pp - stage - 1) + (virtual - 1) * pp, total - 1) + 1
+
+
+def memory_per_gpu(m: ModelConfig, *, tp: int = 1, pp: int = 1, dp: int = 1, micro_batch: int = 1,
+                   grad_accum: int = 1, precision: str = "fp16", zero_stage: int = 0,
+                   sequence_parallel: bool = False, checkpoint_activations: bool = False,
+                   checkpoint_num_layers: int = 1, virtual: int = 1, partition_method: str = "uniform",
+                   optimizer: str = "Adam", momentum: float = 0.0) -> dict:
+    """Bytes per GPU on each pipeline stage: model states (with and without ZeRO-1) and activations for
+    no recompute, selective recompute and full activation checkpointing.
+
+    Activations of a stage = (model chunks in flight) x (its layers) x layer_activation_bytes, except with
+    full checkpointing: each chunk of `checkpoint_num_layers` layers keeps only its input, e*sbh (/t with
+    SP), plus one chunk's full working set while it is recomputed in backward. The last stage adds the
+    output head for one micro-batch: the final norm's input e*sbh (/t with SP), the head's input e*sbh
+    and the fp32 softmax over the vocab shard that neox's vocab-parallel cross entropy saves,
+    4*s*b*Vpad/t (neox computes the loss over the whole sequence, not in chunks). The embedding output is
+    layer 0's input, already counted. `total` uses the config's choices (ZeRO stage, checkpointing).
+    RWKV has no activation model here: its activations are None and totals hold model states only.
+    """
+    layers = stage_layer_counts(m, pp, partition_method, tp)
+    params = stage_parameters(m, tp, pp, partition_method)
+    e = PRECISION_BYTES[precision][0] if precision in PRECISION_BYTES else 2
+    s, b, h = m.seq_length, micro_batch, m.hidden_size
+    sbh = s * b * h
+    rwkv = m.model_type == "rwkv"
+    per_layer = None if rwkv else {
+        "none": layer_activation_bytes(s, b, h, m.num_attention_heads, m.ffn_size, tp, sequence_parallel,
+                                       False, e),
+        "selective": layer_activation_bytes(s, b, h, m.num_attention_heads, m.ffn_size, tp, sequence_parallel,
+                                            True, e),
+        "checkpoint_input": e * sbh / (tp if sequence_parallel else 1),
+    }
+    head = 0 if rwkv else (e * sbh / (tp if sequence_parallel else 1) + e * sbh
+                           + 4 * s * b * m.padded_vocab_size(tp) / tp)
+    k = checkpoint_num_layers
+    stages = []
+    for r in range(pp):
+        n = layers[r] if virtual == 1 else m.num_layers // (pp * virtual)  # layers per model chunk
+        inflight = microbatches_in_flight(pp, r, grad_accum, virtual)
+        states = model_state_bytes(params[r], precision, dp, zero_stage, optimizer, momentum)
+        stage = {"stage": r, "layers": layers[r], "parameters": params[r], "in_flight": inflight, **states}
+        if per_layer is None:
+            stage.update(activations=None, head_activations=0)
+            acts = dict.fromkeys(("none", "selective", "full"), 0.0)
+        else:
+            acts = {
+                "none": inflight * n * per_layer["none"],
+                "selective": inflight * n * per_layer["selective"],
+                "full": inflight * -(-n // k) * per_layer["checkpoint_input"] + min(k, n) * per_layer["none"],
+            }
+            stage.update(activations=acts, head_activations=head if r == pp - 1 else 0)
+        fixed = stage["params"] + stage["grads"] + stage["head_activations"]
+        stage["totals"] = {zero: {kind: fixed + stage[f"optimizer_{zero}"] + acts[kind] for kind in acts}
+                           for zero in ("no_zero", "zero1")}
+        stage["total"] = stage["totals"]["zero1" if zero_stage >= 1 else "no_zero"][
+            "full" if checkpoint_activations else "none"]
+        stages.append(stage)
+    worst = max(range(pp), key=lambda r: stages[r]["total"])
+    return {
+        "precision": precision, "activation_bytes": e, "dp": dp, "zero_stage": zero_stage,
+        "micro_batch": micro_batch, "sequence_parallel": sequence_parallel, "virtual": virtual,
+        "checkpoint_activations": checkpoint_activations, "checkpoint_num_layers": k, "optimizer": optimizer,
+        "layer_activations": per_layer, "stages": stages, "max_stage": worst, "max_total": stages[worst]["total"],
+    }

@@ -6,10 +6,10 @@ document per topic or module. From it we train a byte-level BPE tokenizer (the s
 GPT-NeoX-20B one: ByteLevel pre-tokenizer and decoder, `<|endoftext|>` = 0, `<|padding|>` = 1) and
 write Megatron `.bin/.idx` files with megatron-core's `IndexedDatasetBuilder`.
 
-Documents are ordered by a hash of their names, so the selection under `max_bytes` and the held-out
-validation documents (the last ones in that order; the tokenizer never sees them) depend only on
-the Python version, not on the machine. The documents are written train first, then validation,
-and the returned `split` string ("n_train,n_valid,0") makes megatron-core's split pick exactly them.
+Documents are ordered by a hash of their names, so the selection under `max_bytes` depends only on
+the Python version, not on the machine. They are written in that order, and the held-out part is
+where megatron-core's `split` (default "95,5,0", the same string the config gives) cuts: the
+tokenizer is trained on the train documents only, so validation text is truly unseen.
 
 The build is cached: a manifest (written last, atomically) holds the settings and checksums of the
 inputs and outputs; a later call with the same settings and intact files returns at once.
@@ -40,7 +40,7 @@ MANIFEST_NAME = "manifest.json"
 # The filtered standard library is ~11 MB on CPython 3.11; all of it trains and writes in seconds.
 DEFAULT_MAX_BYTES = 16_000_000
 DEFAULT_VOCAB_SIZE = 8192
-DEFAULT_VALID_FRACTION = 0.05
+DEFAULT_SPLIT = "95,5,0"
 
 _SKIP_TOP = {"site-packages", "dist-packages", "test", "idlelib", "turtledemo", "pydoc_data", "__phello__"}
 _SKIP_ANY = {"test", "tests", "__pycache__"}
@@ -82,10 +82,8 @@ def gather_documents() -> list[tuple[str, str]]:
     return docs
 
 
-def select_documents(
-    docs: list[tuple[str, str]], max_bytes: int, valid_fraction: float
-) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(train, valid) documents: hash-ordered by name, filled up to max_bytes, validation last."""
+def select_documents(docs: list[tuple[str, str]], max_bytes: int) -> list[tuple[str, str]]:
+    """The documents to write: hash-ordered by name, filled up to max_bytes."""
     ordered = sorted(docs, key=lambda d: hashlib.sha256(d[0].encode("utf-8")).hexdigest())
     chosen, total = [], 0
     for name, text in ordered:
@@ -93,12 +91,28 @@ def select_documents(
         if total + size <= max_bytes:
             chosen.append((name, text))
             total += size
-    n_valid = 0
-    if valid_fraction > 0 and len(chosen) >= 2:
-        n_valid = min(len(chosen) - 1, max(1, round(len(chosen) * valid_fraction)))
     if not chosen:
         raise ConfigError(f"default corpus: max_bytes={max_bytes} admits no document; raise max_bytes.")
-    return chosen[: len(chosen) - n_valid], chosen[len(chosen) - n_valid :]
+    return chosen
+
+
+def split_counts(num_documents: int, split: str) -> tuple[int, int, int]:
+    """How many documents megatron-core's `split` gives to train, valid and test (its own arithmetic)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.blended_megatron_dataset_config import (
+            convert_split_vector_to_split_matrix,
+            parse_and_normalize_split,
+        )
+
+    try:
+        matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    except (AssertionError, ZeroDivisionError, ValueError):
+        raise ConfigError(f"default corpus: split {split!r} must be like '95,5,0' (train,valid,test)") from None
+    bounds = [(0, 0) if m is None else (int(round(m[0] * num_documents)), int(round(m[1] * num_documents)))
+              for m in matrix]
+    assert bounds[0][0] == 0 and bounds[-1][1] in (0, num_documents)
+    return tuple(end - beg for beg, end in bounds)  # type: ignore[return-value]
 
 
 def train_bpe_tokenizer(texts: list[str], vocab_size: int):
@@ -145,35 +159,41 @@ def build_default_corpus(
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
-    valid_fraction: float = DEFAULT_VALID_FRACTION,
+    split: str = DEFAULT_SPLIT,
     force: bool = False,
     log: Callable[[str], None] | None = print,
 ) -> dict:
     """Build (or find cached) the default corpus in out_dir; returns its paths and sizes.
 
-    Keys: out_dir, tokenizer_file, data_prefix, bin, idx, manifest, split, num_documents,
-    num_train_documents, num_valid_documents, num_tokens, num_bytes, checksums, cached.
+    `split` ("train,valid,test" weights, as gpt-neox's) decides which documents the tokenizer may
+    see; give the training config the same data_path and split. Keys of the result: out_dir,
+    tokenizer_file, data_prefix, bin, idx, manifest, split, num_documents, num_train_documents,
+    num_valid_documents, num_test_documents, num_tokens, num_bytes, vocab_size, checksums, cached.
     """
     import tokenizers
 
     if vocab_size < 300:
         raise ConfigError(f"default corpus: vocab_size={vocab_size} is below the 258 byte-level symbols.")
-    if not 0 <= valid_fraction < 1:
-        raise ConfigError(f"default corpus: valid_fraction={valid_fraction} must be in [0, 1).")
     say = log or (lambda _msg: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
     with _locked(out / ".lock"):
-        train_docs, valid_docs = select_documents(gather_documents(), max_bytes, valid_fraction)
+        docs = select_documents(gather_documents(), max_bytes)
+        n_train, n_valid, n_test = split_counts(len(docs), split)
+        if n_train == 0 or any(w > 0 and n == 0 for w, n in zip(_weights(split), (n_train, n_valid, n_test))):
+            raise ConfigError(
+                f"default corpus: split {split!r} leaves a part of the {len(docs)} documents empty; "
+                f"raise max_bytes={max_bytes} or change the split."
+            )
         settings = {
             "format_version": FORMAT_VERSION,
             "max_bytes": int(max_bytes),
             "vocab_size": int(vocab_size),
-            "valid_fraction": float(valid_fraction),
+            "split": str(split),
             "tokenizers_version": tokenizers.__version__,
-            "inputs_sha256": _docs_checksum(train_docs + valid_docs),
+            "inputs_sha256": _docs_checksum(docs),
         }
         manifest = None if force else _valid_manifest(out, settings)
         if manifest is not None:
@@ -184,38 +204,38 @@ def build_default_corpus(
             )
             return result
 
-        n_bytes = sum(len(t.encode("utf-8")) for _, t in train_docs + valid_docs)
+        n_bytes = sum(len(t.encode("utf-8")) for _, t in docs)
         say(
-            f"default corpus: {len(train_docs) + len(valid_docs)} documents ({len(train_docs)} train, "
-            f"{len(valid_docs)} valid), {n_bytes / 1e6:.1f} MB from Python's docs and standard library"
+            f"default corpus: {len(docs)} documents ({n_train} train, {n_valid} valid, {n_test} test), "
+            f"{n_bytes / 1e6:.1f} MB from Python's docs and standard library"
         )
         (out / MANIFEST_NAME).unlink(missing_ok=True)  # from here on the old build is not "done"
         shutil.rmtree(out / f"{DATA_NAME}_cache", ignore_errors=True)  # stale dataset indices
         tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out))
         try:
             t1 = time.perf_counter()
-            tok = train_bpe_tokenizer([t for _, t in train_docs], vocab_size)
+            tok = train_bpe_tokenizer([t for _, t in docs[:n_train]], vocab_size)
             tok.save(str(tmp / TOKENIZER_NAME))
             real_vocab = tok.get_vocab_size(with_added_tokens=True)
             say(f"  tokenizer: byte-level BPE, {real_vocab} tokens ({time.perf_counter() - t1:.1f} s)")
 
             t2 = time.perf_counter()
-            texts = [t for _, t in train_docs + valid_docs]
-            ids = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+            ids = [e.ids for e in tok.encode_batch([t for _, t in docs], add_special_tokens=False)]
             n_tokens = write_indexed_dataset(tmp / DATA_NAME, ids, eod=0, vocab_size=real_vocab)
             say(f"  {DATA_NAME}.bin/.idx: {n_tokens / 1e6:.2f}M tokens in {time.perf_counter() - t2:.1f} s")
 
             files = [TOKENIZER_NAME, f"{DATA_NAME}.bin", f"{DATA_NAME}.idx"]
             manifest = {
                 "settings": settings,
-                "split": f"{len(train_docs)},{len(valid_docs)},0",
-                "num_documents": len(train_docs) + len(valid_docs),
-                "num_train_documents": len(train_docs),
-                "num_valid_documents": len(valid_docs),
+                "split": str(split),
+                "num_documents": len(docs),
+                "num_train_documents": n_train,
+                "num_valid_documents": n_valid,
+                "num_test_documents": n_test,
                 "num_tokens": n_tokens,
                 "num_bytes": n_bytes,
                 "vocab_size": real_vocab,
-                "documents": [n for n, _ in train_docs + valid_docs],
+                "documents": [n for n, _ in docs],
                 "checksums": {f: _file_checksum(tmp / f) for f in files},
             }
             for f in files:
@@ -238,7 +258,8 @@ def _result(out: Path, manifest: dict, cached: bool) -> dict:
         "manifest": str(out / MANIFEST_NAME),
         "cached": cached,
         **{k: manifest[k] for k in ("split", "num_documents", "num_train_documents", "num_valid_documents",
-                                     "num_tokens", "num_bytes", "vocab_size", "checksums")},
+                                     "num_test_documents", "num_tokens", "num_bytes", "vocab_size",
+                                     "checksums")},
     }
 
 
@@ -256,6 +277,11 @@ def _valid_manifest(out: Path, settings: dict) -> dict | None:
         if not path.is_file() or _file_checksum(path) != digest:
             return None
     return manifest if len(checksums) == 3 else None
+
+
+def _weights(split: str) -> list[float]:
+    parts = [float(x) for x in re.findall(r"[.0-9]+", split)]
+    return parts + [0.0] * (3 - len(parts))
 
 
 def _docs_checksum(docs: list[tuple[str, str]]) -> str:

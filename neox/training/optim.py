@@ -49,22 +49,32 @@ class Lion(torch.optim.Optimizer):
         return loss
 
 
+def optimizer_spec(type: str = "adamw", *, lr: float = 1e-4, betas=(0.9, 0.999), eps: float = 1e-8,
+                   momentum: float = 0.0, on_cuda: bool = False) -> tuple[type, dict]:
+    """(optimizer class, constructor kwargs) for gpt-neox's optimizer ``type`` (case-insensitive).
+
+    Adam and AdamW both use decoupled weight decay (AdamW), as DeepSpeed's FusedAdam does in gpt-neox by
+    default. The class/kwargs form lets ZeRO and mixed-precision wrappers build it over their masters.
+    """
+    kind = type.lower()
+    if kind in ("adam", "adamw"):
+        # foreach is the fast multi-tensor path on CPU and GPU; fused needs every param on CUDA
+        fast = {"fused": True} if on_cuda else {"foreach": True}
+        return torch.optim.AdamW, dict(lr=lr, betas=tuple(betas), eps=eps, **fast)
+    if kind == "sgd":
+        return torch.optim.SGD, dict(lr=lr, momentum=momentum)
+    if kind == "lion":
+        return Lion, dict(lr=lr, betas=tuple(betas))
+    raise ValueError(f"optimizer type {type!r} is not supported; choose one of {', '.join(OPTIMIZERS)}")
+
+
 def build_optimizer(named_params, *, type: str = "adamw", lr: float = 1e-4, betas=(0.9, 0.999),
                     eps: float = 1e-8, weight_decay: float = 0.0, momentum: float = 0.0):
-    """``type`` is gpt-neox's optimizer type (case-insensitive). Adam and AdamW both use decoupled
-    weight decay (AdamW), as DeepSpeed's FusedAdam does in gpt-neox by default."""
-    kind = type.lower()
+    """A plain torch optimizer over ``named_params`` with weight decay on matrices only."""
     groups = param_groups(named_params, weight_decay)
-    if kind in ("adam", "adamw"):
-        # foreach is the fast multi-tensor path on CPU and GPU; fused needs all params on CUDA
-        fused = all(p.is_cuda for g in groups for p in g["params"]) and torch.cuda.is_available()
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps,
-                                 fused=True if fused else None, foreach=None if fused else True)
-    if kind == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
-    if kind == "lion":
-        return Lion(groups, lr=lr, betas=betas)
-    raise ValueError(f"optimizer type {type!r} is not supported; choose one of {', '.join(OPTIMIZERS)}")
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"]) and torch.cuda.is_available()
+    cls, kwargs = optimizer_spec(type, lr=lr, betas=betas, eps=eps, momentum=momentum, on_cuda=on_cuda)
+    return cls(groups, **kwargs)
 
 
 class LRSchedule:

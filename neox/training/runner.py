@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 from neox.config import ConfigError, NeoXConfig
+from neox.training.engine import Engine
 from neox.training.loop import LoopSettings, run
-from neox.training.optim import LRSchedule, build_optimizer
+from neox.training.optim import LRSchedule
 from neox.training.pretrain import PretrainStage
 from neox.training.progress import ProgressLogger, format_count
 
@@ -45,25 +46,20 @@ def describe_run(cfg: NeoXConfig, ps, n_params: int) -> str:
 
 def build_pretraining(cfg: NeoXConfig, ps, logger: ProgressLogger) -> PretrainStage:
     from neox.data.gpt_dataset import build_datasets_from_config, make_batch_iterator
-    from neox.models.registry import build_model
 
-    if ps.world_size > 1:
-        raise ConfigError(
-            "multi-process training (TP/PP/DP > 1) is not wired into train.py yet; run with one process"
-        )
     t, o = cfg.training, cfg.optimizer
     tok = resolve_vocab(cfg)
     cfg.validate(world_size=ps.world_size)
     torch.manual_seed(t.seed)
-    model = build_model(cfg.model, ps, init_seed=t.seed)
-    n_params = sum(p.numel() for p in model.parameters())
+    engine = Engine(cfg, ps, init_seed=t.seed)
+    n_params = sum(p.numel() for p in engine.chunks.parameters())
     logger.print(describe_run(cfg, ps, n_params))
 
     global_batch = t.global_batch(ps.dp_size)
     eval_runs = t.train_iters // t.eval_interval + 1 if t.eval_interval else 1
-    num_samples = (t.train_iters * global_batch, eval_runs * t.eval_iters * t.train_micro_batch_size_per_gpu, 0)
-    train_ds, valid_ds, _ = build_datasets_from_config(cfg, tok, num_samples)
     mb = t.train_micro_batch_size_per_gpu
+    num_samples = (t.train_iters * global_batch, eval_runs * t.eval_iters * mb * ps.dp_size, 0)
+    train_ds, valid_ds, _ = build_datasets_from_config(cfg, tok, num_samples)
 
     def train_batches(start_sample: int):
         return make_batch_iterator(train_ds, mb, start_sample=start_sample, dp_rank=ps.dp_rank, dp_size=ps.dp_size)
@@ -73,15 +69,10 @@ def build_pretraining(cfg: NeoXConfig, ps, logger: ProgressLogger) -> PretrainSt
         def valid_batches():
             return make_batch_iterator(valid_ds, mb, start_sample=0, dp_rank=ps.dp_rank, dp_size=ps.dp_size)
 
-    optimizer = build_optimizer(model.named_parameters(), type=o.optimizer_type, lr=o.lr, betas=o.betas,
-                                eps=o.eps, weight_decay=o.weight_decay, momentum=o.momentum)
-    decay_iters = o.decay_iters(t.train_iters)
-    schedule = LRSchedule(lr=o.lr, min_lr=o.min_lr, decay_style=o.lr_decay_style, decay_iters=decay_iters,
-                          warmup=o.warmup_steps(t.train_iters))
-    return PretrainStage(cfg, model, optimizer, schedule, train_batches=train_batches,
-                         valid_batches=valid_batches, ps=ps, micro_batch_size=mb,
-                         grad_accum=t.gradient_accumulation_steps, eval_iters=t.eval_iters,
-                         clip_grad=o.clip_grad)
+    schedule = LRSchedule(lr=o.lr, min_lr=o.min_lr, decay_style=o.lr_decay_style,
+                          decay_iters=o.decay_iters(t.train_iters), warmup=o.warmup_steps(t.train_iters))
+    return PretrainStage(cfg, engine, schedule, train_batches=train_batches, valid_batches=valid_batches,
+                         eval_iters=t.eval_iters)
 
 
 def copy_tokenizer(cfg: NeoXConfig, run_dir: Path) -> None:

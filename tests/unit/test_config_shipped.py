@@ -67,7 +67,7 @@ def test_tiny_default():
     assert cfg.parallel.precision == "fp32" and cfg.optimizer.optimizer_type == "AdamW"
     assert cfg.data.vocab_file == "cache/default/tokenizer.json"
     assert cfg.data.data_path == "cache/default/corpus_text_document"
-    assert cfg.training.save == "runs/tiny-neox" and cfg.training.train_iters == 300
+    assert cfg.training.save == "runs/tiny-neox" and cfg.training.train_iters == 600
 
 
 def test_config_docs_are_current():

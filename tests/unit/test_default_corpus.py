@@ -6,7 +6,9 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer
 
+from neox.config import ConfigError
 from neox.data import default_corpus as dc
 from neox.data.tokenizers import build_tokenizer
 
@@ -53,18 +55,13 @@ def test_documents_decode_back_to_sources(corpus):
     assert total == corpus["num_bytes"] <= TINY["max_bytes"]
 
 
-def test_split_selects_exactly_the_held_out_documents(corpus):
-    from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix,
-        parse_and_normalize_split,
-    )
-
-    n_train, n_valid, n_test = (int(x) for x in corpus["split"].split(","))
+def test_split_counts_follow_megatron_split(corpus):
     n = corpus["num_documents"]
-    assert (n_train + n_valid, n_test) == (n, 0) and n_valid == max(1, round(n * 0.05))
-    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(corpus["split"]))
-    bounds = [None if m is None else (int(round(m[0] * n)), int(round(m[1] * n))) for m in matrix]
-    assert bounds == [(0, n_train), (n_train, n), None]
+    assert corpus["split"] == "95,5,0"
+    assert corpus["num_train_documents"] == int(round(0.95 * n)) and corpus["num_test_documents"] == 0
+    assert corpus["num_train_documents"] + corpus["num_valid_documents"] == n
+    assert dc.split_counts(200, "90,5,5") == (180, 10, 10)
+    assert dc.split_counts(7, "1,1,1") == (2, 3, 2)  # megatron rounds each book-end: 0, 2.33, 4.67, 7
 
 
 def test_selection_is_deterministic_and_order_free():
@@ -73,9 +70,20 @@ def test_selection_is_deterministic_and_order_free():
     assert not any("/test/" in n or n.startswith(("stdlib:site-packages", "stdlib:idlelib")) for n, _ in docs)
     shuffled = docs[:]
     random.Random(0).shuffle(shuffled)
-    assert dc.select_documents(shuffled, 300_000, 0.05) == dc.select_documents(docs, 300_000, 0.05)
-    train, valid = dc.select_documents(docs, 300_000, 0.1)
-    assert not {n for n, _ in train} & {n for n, _ in valid}
+    assert dc.select_documents(shuffled, 300_000) == dc.select_documents(docs, 300_000)
+
+
+def test_tokenizer_never_sees_held_out_documents(tmp_path):
+    """Training the tokenizer on the train part alone reproduces the saved tokenizer exactly."""
+    r = dc.build_default_corpus(tmp_path, **{**TINY, "split": "50,50,0"})
+    docs = dc.select_documents(dc.gather_documents(), TINY["max_bytes"])
+    assert [n for n, _ in docs] == json.loads(Path(r["manifest"]).read_text())["documents"]
+    ref = dc.train_bpe_tokenizer([t for _, t in docs[: r["num_train_documents"]]], TINY["vocab_size"])
+    assert ref.to_str() == Tokenizer.from_file(r["tokenizer_file"]).to_str()
+    everything = dc.train_bpe_tokenizer([t for _, t in docs], TINY["vocab_size"])
+    assert everything.to_str() != ref.to_str()
+    with pytest.raises(ConfigError, match="split"):
+        dc.build_default_corpus(tmp_path, **{**TINY, "split": "100,0.0001,0"})
 
 
 def test_cache_is_reused(corpus):
@@ -123,13 +131,17 @@ def test_interrupted_build_is_not_mistaken_for_done(tmp_path, monkeypatch):
     assert dc.build_default_corpus(tmp_path, **TINY)["cached"]
 
 
-def test_cli_reports_built_then_cached(tmp_path):
-    import subprocess
-    import sys
+def test_cli_reports_built_then_cached(tmp_path, capsys):
+    import importlib.util
 
     tool = Path(__file__).resolve().parents[2] / "tools" / "prepare_default_data.py"
-    cmd = [sys.executable, str(tool), "--out", str(tmp_path), "--max-bytes", "100000", "--vocab-size", "400"]
-    first = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    second = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    spec = importlib.util.spec_from_file_location("prepare_default_data", tool)
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    argv = ["--out", str(tmp_path), "--max-bytes", "100000", "--vocab-size", "400"]
+    assert cli.main(argv) == 0
+    first = capsys.readouterr().out
+    assert cli.main(argv) == 0
+    second = capsys.readouterr().out
     assert "built:" in first and "cached:" in second
     assert (tmp_path / "corpus_text_document.bin").is_file()

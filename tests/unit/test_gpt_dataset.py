@@ -62,7 +62,7 @@ def _is_piece_of_documents(window, joined):
 
 def test_samples_are_windows_of_the_right_documents(corpus):
     train, valid, test = _build(corpus)
-    n_train = int(corpus["split"].split(",")[0])
+    n_train = corpus["num_train_documents"]
     train_docs, valid_docs = corpus["docs"][:n_train], corpus["docs"][n_train:]
     assert test is None
     # one epoch: every train token but the last is the start of exactly one (T+1)-window step
@@ -80,7 +80,7 @@ def test_samples_are_windows_of_the_right_documents(corpus):
 
 def test_epoch_covers_every_train_token_once(corpus):
     train, _, _ = _build(corpus)
-    n_train = int(corpus["split"].split(",")[0])
+    n_train = corpus["num_train_documents"]
     counts = torch.zeros(400, dtype=torch.long)
     for i in range(len(train)):
         counts += torch.bincount(train[i]["tokens"], minlength=400)

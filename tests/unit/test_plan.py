@@ -1,5 +1,7 @@
 """The planner's analytic counts against independent references: published totals, transformers'
-GPTNeoX, our own model's parameters (when neox.models is importable), a brute-force partition."""
+GPTNeoX, our own model's parameters (when neox.models is importable), a brute-force partition; memory
+against the activation formulas of Korthikanti et al. 2022 worked by hand and the pipeline schedules
+megatron_ext runs."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from neox.config import (
     stage_layer_counts,
     stage_parameters,
 )
+from neox.config.plan import layer_activation_bytes, memory_per_gpu, microbatches_in_flight, model_state_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -156,3 +159,139 @@ def test_flops_match_megatron_formula():
     assert flops_per_token(m, tp)["hardware"] == f["model"]
     # the familiar 6N approximation is within a few percent for a 20B model at s = 2048
     assert f["model"] == pytest.approx(6 * count_parameters(m, tp), rel=0.08)
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+# A small GPT-NeoX: s = 32, b = 2, h = 64, a = 4, L = 4, F = 4h, vocab 1000 (padded to 1024 at TP 2).
+MEM = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=1000,
+                  no_weight_tying=True)
+
+
+def test_layer_activations_by_hand():
+    """Korthikanti et al. 2022 eqs. (1)-(5) written out with numbers: s=32, b=2, h=64, a=4, t=2."""
+    sbh = 32 * 2 * 64  # 4096
+    attn = 5 * 4 * 32 / 64  # 5as/h = 10
+    assert sbh == 4096 and attn == 10
+    # no parallelism: sbh(34 + 5as/h) = 4096 * 44
+    assert layer_activation_bytes(32, 2, 64, 4) == 180_224
+    # TP 2: sbh(10 + 24/t + 5as/(ht)) = 4096 * (10 + 12 + 5) = 4096 * 27
+    assert layer_activation_bytes(32, 2, 64, 4, tp=2) == 110_592
+    # TP 2 + SP: sbh/t (34 + 5as/h) = 2048 * 44
+    assert layer_activation_bytes(32, 2, 64, 4, tp=2, sequence_parallel=True) == 90_112
+    # selective recompute drops 5as/h: TP 2 -> 4096 * 22; TP 2 + SP -> 2048 * 34; no TP -> 4096 * 34
+    assert layer_activation_bytes(32, 2, 64, 4, tp=2, selective=True) == 90_112
+    assert layer_activation_bytes(32, 2, 64, 4, tp=2, sequence_parallel=True, selective=True) == 69_632
+    assert layer_activation_bytes(32, 2, 64, 4, selective=True) == 139_264
+    # fp32 activations (e = 4) from the paper's per-tensor list: 2-byte tensors double, 1-byte masks
+    # stay: 34 sbh = 32 (16 two-byte tensors' worth) + 2 (masks) -> 64 + 2 = 66; 5as^2b = 4 + 1 -> 8 + 1 = 9
+    assert layer_activation_bytes(32, 2, 64, 4, act_bytes=4) == 4096 * 66 + 4 * 32 * 32 * 2 * 9
+
+
+def test_stage_memory_by_hand():
+    """TP 2, PP 2 (2 layers a stage), micro-batch 2, 8 micro-batches, fp16, DP 4, ZeRO-1."""
+    common = dict(tp=2, pp=2, dp=4, micro_batch=2, grad_accum=8, precision="fp16", zero_stage=1)
+    mem = memory_per_gpu(MEM, **common)
+    first, last = mem["stages"]
+    per_layer = 4096 * 27  # TP 2, from the test above
+    assert first["in_flight"] == 2 and last["in_flight"] == 1  # 1F1B: stage r holds p - r micro-batches
+    assert first["activations"]["none"] == 2 * 2 * per_layer  # 2 micro-batches x 2 layers
+    assert first["activations"]["selective"] == 2 * 2 * 4096 * 22
+    # full checkpointing: 2sbh per layer and micro-batch, plus one layer's working set in recompute
+    assert first["activations"]["full"] == 2 * 2 * (2 * 4096) + per_layer
+    assert last["activations"]["full"] == 1 * 2 * (2 * 4096) + per_layer
+    # output head on the last stage: final-norm input 2sbh + head input 2sbh + fp32 softmax 4*s*b*Vpad/t
+    assert first["head_activations"] == 0
+    assert last["head_activations"] == 2 * 4096 + 2 * 4096 + 4 * 32 * 2 * 1024 / 2
+    # model states: 2 B params + 2 B grads + 12 B (fp32 master, Adam m, v) / DP 4 with ZeRO-1
+    n = stage_parameters(MEM, 2, 2)[0]
+    assert first["parameters"] == n
+    assert (first["params"], first["grads"], first["optimizer"]) == (2 * n, 2 * n, 12 * n / 4)
+    assert first["total"] == 2 * n + 2 * n + 3 * n + 2 * 2 * per_layer  # checkpointing off by default
+    ckpt = memory_per_gpu(MEM, **common, checkpoint_activations=True)["stages"][1]
+    n_last = stage_parameters(MEM, 2, 2)[1]
+    assert ckpt["total"] == 2 * n_last + 2 * n_last + 3 * n_last + (2 * (2 * 4096) + per_layer) + (
+        2 * 4096 + 2 * 4096 + 4 * 32 * 2 * 1024 / 2)
+
+
+def test_interleaved_first_stage_factor():
+    """Interleaved 1F1B: first stage = p micro-batches x L/p layers x (1 + (p-1)/(pv)) (paper eq. 6)."""
+    m = dataclasses.replace(MEM, num_layers=8)
+    for p, v in [(2, 2), (2, 4), (4, 2)]:
+        got = memory_per_gpu(m, tp=2, pp=p, virtual=v, micro_batch=2, grad_accum=4 * p)
+        per_layer = 4096 * 27
+        assert got["stages"][0]["activations"]["none"] == pytest.approx(
+            p * (8 / p) * per_layer * (1 + (p - 1) / (p * v)), rel=1e-12)
+
+
+def _peak_in_flight(order) -> int:
+    live = peak = 0
+    for op in order:
+        live += 1 if type(op).__name__ == "Forward" else -1
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("pp", [2, 3, 4])
+@pytest.mark.parametrize("v", [1, 2, 3])
+def test_in_flight_matches_pipeline_schedules(pp, v):
+    """The planner's micro-batch (chunk) count equals the peak of un-backpropagated forwards in the
+    schedules megatron_ext actually runs."""
+    pytest.importorskip("torch")
+    from megatron_ext.pipeline.schedules import one_f_one_b_order
+
+    for gas in ([1, 2, pp, pp + 1, 3 * pp] if v == 1 else [pp, 2 * pp, 3 * pp]):
+        for r in range(pp):
+            assert microbatches_in_flight(pp, r, gas, v) == _peak_in_flight(one_f_one_b_order(pp, r, gas, v)), \
+                (pp, v, gas, r)
+
+
+def test_memory_relations():
+    cfg = load_config([str(ROOT / "configs/20B.yml")])
+    m = cfg.model
+    base = dict(tp=2, pp=4, micro_batch=4, grad_accum=32, precision="fp16")
+    # sequence parallelism divides each layer's activations by t (exactly, for every t)
+    for t in (2, 4, 8):
+        assert layer_activation_bytes(2048, 4, 6144, 64, tp=t, sequence_parallel=True) == pytest.approx(
+            layer_activation_bytes(2048, 4, 6144, 64) / t, rel=1e-12)
+    # full checkpointing stores far less than no recompute; selective sits in between
+    acts = memory_per_gpu(m, **base)["stages"][0]["activations"]
+    assert acts["full"] < acts["none"] / 10 and acts["full"] < acts["selective"] < acts["none"]
+    # ZeRO-1 optimizer bytes are the unsharded ones over DP; params and grads do not shrink
+    for dp in (1, 3, 12):
+        zero = memory_per_gpu(m, **base, dp=dp, zero_stage=1)["stages"][0]
+        plain = memory_per_gpu(m, **base, dp=dp, zero_stage=0)["stages"][0]
+        assert zero["optimizer"] == pytest.approx(plain["optimizer"] / dp, rel=1e-12)
+        assert (zero["params"], zero["grads"]) == (plain["params"], plain["grads"])
+    # bytes per parameter: mixed precision 2 + 2 + 12; fp32 4 + 4 + 12 (neox keeps an fp32 master too)
+    assert model_state_bytes(10, "bf16")["bytes_per_param"] == {"params": 2, "grads": 2, "optimizer": 12}
+    assert model_state_bytes(10, "fp32")["bytes_per_param"] == {"params": 4, "grads": 4, "optimizer": 12}
+    assert model_state_bytes(10, "fp16", optimizer="SGD")["bytes_per_param"]["optimizer"] == 4
+
+
+def test_20b_fits_on_96_a100_40gb():
+    text = run_plan("-c", "configs/20B.yml", "--world-size", "96", "--gpu-mem", "40")
+    assert "FITS in 40 GiB" in text and "DP 12, ZeRO-1" in text
+    info = json.loads(run_plan("-c", "configs/20B.yml", "--world-size", "96", "--gpu-mem", "40", "--json"))
+    mem = info["memory"]
+    assert mem["fits"] is True and mem["dp"] == 12 and mem["checkpoint_activations"]
+    assert mem["max_total"] <= 40 * 2**30 * 0.9 == mem["usable_bytes"]
+    # --dp 12 is the same plan as --world-size 96
+    assert json.loads(run_plan("-c", "configs/20B.yml", "--dp", "12", "--gpu-mem", "40", "--json"))["memory"] == mem
+
+
+def test_20b_without_model_parallelism_does_not_fit():
+    args = ("-c", "configs/20B.yml", "model_parallel_size=1", "pipe_parallel_size=1", "--world-size", "96",
+            "--gpu-mem", "40")
+    assert "does NOT fit in 40 GiB" in run_plan(*args)
+    mem = json.loads(run_plan(*args, "--json"))["memory"]
+    # 20.55B params x (2 + 2) bytes alone exceed 40 GiB
+    assert mem["fits"] is False and mem["stages"][0]["params"] + mem["stages"][0]["grads"] > 40 * 2**30
+
+
+def test_dp_defaults_to_the_configs_gpu_count(tmp_path):
+    cluster = tmp_path / "cluster.yml"
+    cluster.write_text("{num-gpus: 8, num_nodes: 12}\n")
+    info = json.loads(run_plan("-c", "configs/20B.yml", str(cluster), "--json"))
+    assert info["world_size"] == 96 and info["memory"]["dp"] == 12
+    assert json.loads(run_plan("-c", "configs/20B.yml", "--json"))["memory"]["dp"] == 1  # nothing given
