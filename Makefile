@@ -34,7 +34,7 @@ test: install lint
 	$(PY) -m pytest -q tests
 
 docs: install
-	$(PY) tools/gen_config_docs.py > docs/config.md
+	$(PY) tools/gen_config_docs.py
 
 clean:
 	rm -rf runs cache build *.egg-info

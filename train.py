@@ -9,6 +9,7 @@ YAML). Works as one process, or under torchrun / srun / mpirun.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from neox.config import ConfigError, load_config
@@ -33,10 +34,19 @@ def main(argv=None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
 
-    from megatron_ext.launch import init_distributed
+    from megatron_ext.launch import detect_launcher_env, init_distributed
     from megatron_ext.topology import ParallelState
     from neox.training.runner import pretrain
 
+    # Check the layout against the launch before any process group exists: every rank then stops at
+    # once with one message (from rank 0) instead of tracebacks from a half-built world.
+    launch = detect_launcher_env(os.environ)
+    try:
+        cfg.parallel.dp_size(launch["world_size"])
+    except ConfigError as e:
+        if launch["rank"] == 0:
+            print(f"config error: {e}", file=sys.stderr)
+        return 2
     rank, world = init_distributed()
     p = cfg.parallel
     ps = ParallelState.single() if world == 1 else ParallelState.from_sizes(
