@@ -187,7 +187,7 @@ class Engine:
             if not chunk.post_process:
                 return out
             loss = chunk.loss(out, batch["labels"], batch.get("loss_mask"))
-            return loss * (scale / m)
+            return loss.float() * (scale / m)  # fp32: a large fp16 loss scale must not overflow here
 
         def on_last_backward(chunk_index: int) -> None:
             if self.overlap:
@@ -233,8 +233,8 @@ class Engine:
                 dist.all_reduce(q.grad, group=self.ps.embedding_group)
         if self.ddp is not None:
             self.ddp.finish_grad_sync()
-        if not torch.isfinite(torch.tensor(loss)):
-            return loss, OptimStep(True, float("nan"), self.scaler.scale if self.scaler else None)
+        if not torch.isfinite(torch.tensor(loss)) and self.scaler is None:
+            return loss, OptimStep(True, float("nan"))  # fp16 instead lets the scaler see the overflow
         res = self.optimizer.step()
         return loss, OptimStep(res.skipped, float(res.grad_norm),
                                getattr(res, "loss_scale", None) if self.scaler else None)
