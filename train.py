@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     # once with one message (from rank 0) instead of tracebacks from a half-built world.
     launch = detect_launcher_env(os.environ)
     try:
-        cfg.parallel.dp_size(launch["world_size"])
+        cfg.validate(world_size=launch["world_size"])
     except ConfigError as e:
         if launch["rank"] == 0:
             print(f"config error: {e}", file=sys.stderr)

@@ -98,7 +98,7 @@ def _gather_entries(entries: dict, ps) -> dict:
 
 
 def save_checkpoint(run_dir, iteration: int, *, model, optimizer, config: NeoXConfig, ps=None,
-                    trainer_state: Mapping | None = None, rng_tracker=None) -> Path:
+                    trainer_state: Mapping | None = None, rng_tracker=None, save_rng: bool = True) -> Path:
     """Write ``run_dir/global_step{iteration}`` from every rank (collective when distributed).
 
     ``model`` is a module or this rank's list of pipeline chunks (global parameter names);
@@ -117,10 +117,11 @@ def save_checkpoint(run_dir, iteration: int, *, model, optimizer, config: NeoXCo
         extra.mkdir(exist_ok=True)
         if optimizer is not None:
             torch.save(optimizer.state_dict(), extra / f"optim_rank{rank:05d}.pt")
-        rng = rng_state()
-        if rng_tracker is not None:
-            rng.update({f"tracker.{k}": v for k, v in rng_tracker.get_states().items()})
-        save_file(rng, str(extra / f"rng_rank{rank:05d}.safetensors"))
+        if save_rng:
+            rng = rng_state()
+            if rng_tracker is not None:
+                rng.update({f"tracker.{k}": v for k, v in rng_tracker.get_states().items()})
+            save_file(rng, str(extra / f"rng_rank{rank:05d}.safetensors"))
 
     def fill(tmp: Path) -> None:
         fill_rank(tmp)

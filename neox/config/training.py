@@ -33,6 +33,14 @@ class TrainingConfig:
     exit_interval: int | None = opt(
         None, "Stop after this many iterations of this run (for time-limited jobs)."
     )
+    load_iteration: int | None = opt(
+        None, "Resume from global_step<N> of `load` instead of the one its `latest` file names (neox extension)."
+    )
+    max_nonfinite_losses: int = opt(
+        0,
+        "Steps with a NaN/inf loss that are skipped (no update) before the run stops with a checkpoint of "
+        "the last good state (neox extension; fp16 overflows are handled by the loss scaler instead).",
+    )
     finetune: bool = opt(False, "Load only weights from `load`; start at iteration 0 with a fresh optimizer.")
     no_save_optim: bool = opt(False, "Do not save optimizer state.")
     no_load_optim: bool = opt(False, "Do not load optimizer state.")

@@ -41,9 +41,10 @@ class CausalLM(nn.Module):
         return self.cfg.vocab_size
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, vocab_size]."""
-        logits = self.model(input_ids, position_ids=position_ids, attention_mask=attention_mask)
+                position_ids: torch.Tensor | None = None, kv_cache=None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab_size]. kv_cache: see GPTNeoX.forward (decoding)."""
+        kw = {} if kv_cache is None else {"kv_cache": kv_cache}
+        logits = self.model(input_ids, position_ids=position_ids, attention_mask=attention_mask, **kw)
         return logits[..., : self.cfg.vocab_size]
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None):

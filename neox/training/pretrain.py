@@ -34,6 +34,7 @@ class PretrainStage:
         self.eval_iters = eval_iters
         self._train_batches, self._valid_batches = train_batches, valid_batches
         self.consumed_samples = 0
+        self.save_optim = self.save_rng = True
         self._it = train_batches(0)
 
     def _take(self, it: Iterator[Batch], n: int) -> list[Batch]:
@@ -74,13 +75,21 @@ class PretrainStage:
 
     # ---- checkpoints -------------------------------------------------------------------------
     def save(self, run_dir: Path, step: int) -> Path:
-        return save_checkpoint(run_dir, step, model=list(self.engine.chunks), optimizer=self.engine.optimizer,
+        return save_checkpoint(run_dir, step, model=list(self.engine.chunks),
+                               optimizer=self.engine.optimizer if self.save_optim else None,
                                config=self.cfg, ps=self.ps, rng_tracker=self.engine.tracker,
-                               trainer_state={"consumed_samples": self.consumed_samples})
+                               save_rng=self.save_rng, trainer_state={"consumed_samples": self.consumed_samples})
 
-    def load(self, path: Path, step: int | None = None) -> int:
-        state = load_checkpoint(path, model=list(self.engine.chunks), optimizer=self.engine.optimizer,
-                                ps=self.ps, step=step, rng_tracker=self.engine.tracker)
+    def load(self, path: Path, step: int | None = None, *, load_optim: bool = True, load_rng: bool = True,
+             finetune: bool = False) -> int:
+        """Resume (weights, optimizer, RNG, data position, step) — or, with ``finetune``, take only the
+        weights and start at step 0 with a fresh optimizer."""
+        state = load_checkpoint(path, model=list(self.engine.chunks),
+                                optimizer=self.engine.optimizer if load_optim and not finetune else None,
+                                ps=self.ps, step=step, rng_tracker=self.engine.tracker,
+                                load_rng=load_rng and not finetune)
+        if finetune:
+            return 0
         self.consumed_samples = int(state.get("consumed_samples", 0))
         self._it = self._train_batches(self.consumed_samples)
         return int(state["iteration"])

@@ -28,10 +28,14 @@ class ProgressLogger:
     metric record to ``metrics.jsonl`` (when ``log_dir`` is given). Only rank 0 should print."""
 
     def __init__(self, total_steps: int, *, log_dir: str | Path | None = None, enabled: bool = True,
-                 stream=None):
+                 stream=None, sinks: list | None = None, flops_per_token: float | None = None,
+                 num_devices: int = 1, peak_flops: float | None = None):
         self.total = total_steps
         self.enabled = enabled
         self.stream = stream or sys.stdout
+        self.sinks = sinks or []
+        # model FLOPs per trained token (Megatron's formula, neox.config.plan) -> TFLOP/s per device, MFU
+        self.flops_per_token, self.num_devices, self.peak_flops = flops_per_token, num_devices, peak_flops
         self.metrics_path = None
         if log_dir is not None and enabled:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
@@ -46,6 +50,10 @@ class ProgressLogger:
             print(msg, file=self.stream, flush=True)
 
     def record(self, kind: str, step: int, **values) -> None:
+        if not self.enabled:
+            return
+        for sink in self.sinks:
+            sink.log(kind, step, values)
         if self.metrics_path is not None:
             rec = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
             with open(self.metrics_path, "a") as f:
@@ -66,12 +74,21 @@ class ProgressLogger:
         values = {"loss": loss, "lr": lr, "tokens_per_s": tok_s, "step_time_s": per_step, **extra}
         if grad_norm is not None:
             values["grad_norm"] = grad_norm
+        if self.flops_per_token:
+            values["tflops_per_device"] = tok_s * self.flops_per_token / self.num_devices / 1e12
+            if self.peak_flops:
+                values["mfu"] = values["tflops_per_device"] * 1e12 / self.peak_flops
         parts = [f"step {step:>{len(str(self.total))}}/{self.total}", f"loss {loss:.4f}", f"lr {lr:.3e}"]
         if grad_norm is not None:
             parts.append(f"grad norm {grad_norm:.3f}")
         for key, val in extra.items():
             parts.append(f"{key.replace('_', ' ')} {val:.4g}" if isinstance(val, float) else f"{key} {val}")
-        parts += [f"{format_count(tok_s)} tok/s", f"{per_step * 1000:.0f} ms/step",
+        parts.append(f"{format_count(tok_s)} tok/s")
+        if "tflops_per_device" in values:
+            parts.append(f"{values['tflops_per_device']:.3g} TFLOP/s/dev")
+        if "mfu" in values:
+            parts.append(f"MFU {100 * values['mfu']:.1f}%")
+        parts += [f"{per_step * 1000:.0f} ms/step",
                   f"elapsed {format_duration(now - self._t0)}", f"ETA {format_duration(eta)}"]
         self.print(" | ".join(parts))
         self.record("train", step, **values)
@@ -82,3 +99,8 @@ class ProgressLogger:
         ppl = math.exp(min(loss, 50.0))
         self.print(f"eval at step {step}: loss {loss:.4f} | perplexity {ppl:.2f}")
         self.record("eval", step, loss=loss, perplexity=ppl, **extra)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []

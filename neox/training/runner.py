@@ -13,6 +13,7 @@ from neox.training.loop import LoopSettings, run
 from neox.training.optim import LRSchedule
 from neox.training.pretrain import PretrainStage
 from neox.training.progress import ProgressLogger, format_count
+from neox.training.sinks import build_sinks
 
 
 def resolve_vocab(cfg: NeoXConfig):
@@ -44,11 +45,11 @@ def describe_run(cfg: NeoXConfig, ps, n_params: int) -> str:
     return "\n".join(lines)
 
 
-def build_pretraining(cfg: NeoXConfig, ps, logger: ProgressLogger) -> PretrainStage:
+def build_pretraining(cfg: NeoXConfig, ps, logger: ProgressLogger, tokenizer=None) -> PretrainStage:
     from neox.data.gpt_dataset import build_datasets_from_config, make_batch_iterator
 
     t, o = cfg.training, cfg.optimizer
-    tok = resolve_vocab(cfg)
+    tok = tokenizer if tokenizer is not None else resolve_vocab(cfg)
     cfg.validate(world_size=ps.world_size)
     torch.manual_seed(t.seed)
     engine = Engine(cfg, ps, init_seed=t.seed)
@@ -83,23 +84,44 @@ def copy_tokenizer(cfg: NeoXConfig, run_dir: Path) -> None:
             shutil.copyfile(f, run_dir / Path(f).name)
 
 
+def config_lines(cfg: NeoXConfig) -> str:
+    """The resolved config, keys that differ from the defaults (the full one is in every manifest)."""
+    defaults = NeoXConfig().to_dict()
+    changed = {k: v for k, v in cfg.to_dict().items() if defaults.get(k, object()) != v}
+    return "config: " + ", ".join(f"{k}={v}" for k, v in sorted(changed.items()))
+
+
 def pretrain(cfg: NeoXConfig, ps) -> dict:
     """Run pretraining as the config says; returns the loop's summary."""
-    t = cfg.training
-    logger = ProgressLogger(t.train_iters, log_dir=t.log_dir or t.save, enabled=ps.rank == 0)
-    stage = build_pretraining(cfg, ps, logger)
+    from neox.config.plan import flops_per_token
+
+    t, m = cfg.training, cfg.model
+    main = ps.rank == 0
+    tok = resolve_vocab(cfg)  # the vocab size is needed for the FLOPs count below
+    flops = flops_per_token(m, ps.tp_size, cfg.parallel.checkpoint_activations)["model"]
+    logger = ProgressLogger(t.train_iters, log_dir=t.log_dir or t.save, enabled=main,
+                            sinks=build_sinks(cfg, main), flops_per_token=flops, num_devices=ps.world_size,
+                            peak_flops=t.peak_flops)
+    logger.print(config_lines(cfg))
+    stage = build_pretraining(cfg, ps, logger, tokenizer=tok)
     start = 0
     if t.load:
         load_path = Path(t.load)
         if load_path.exists() and any(load_path.iterdir()):
-            start = stage.load(load_path)
-            logger.print(f"resumed from {load_path} at step {start}")
-    if t.save and ps.rank == 0:
+            start = stage.load(load_path, t.load_iteration, load_optim=not (t.no_load_optim or t.finetune),
+                               load_rng=not t.no_load_rng, finetune=t.finetune)
+            logger.print(f"{'fine-tuning from' if t.finetune else 'resumed from'} {load_path} at step {start}")
+        elif t.load != t.save:
+            raise ConfigError(f"load: {load_path} does not exist or is empty; fix the path or remove `load`")
+    stage.save_optim, stage.save_rng = not t.no_save_optim, not t.no_save_rng
+    if t.save and main:
         copy_tokenizer(cfg, Path(t.save))
     settings = LoopSettings(
         train_iters=t.train_iters, log_interval=t.log_interval, eval_interval=t.eval_interval,
         save_dir=t.save, checkpoint_factor=t.checkpoint_factor or 0,
         extra_save_iters=list(t.extra_save_iters or []), exit_interval=t.exit_interval or 0,
+        keep_last_n_checkpoints=t.keep_last_n_checkpoints or 0, max_nonfinite_losses=t.max_nonfinite_losses,
+        is_main=main,
     )
     return run(stage, settings, logger, start_step=start)
 

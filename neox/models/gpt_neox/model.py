@@ -238,7 +238,7 @@ class GPTNeoX(nn.Module):
                                                         sequence_parallel=sp, sequence_dim=SEQ_DIM)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, kv_cache=None) -> torch.Tensor:
         """input_ids [B, T], or when not pre_process the previous stage's hidden states [B, T, D]
         ([B, T/tp, D], this rank's sequence shard, under sequence parallelism).
 
@@ -246,6 +246,10 @@ class GPTNeoX(nn.Module):
         left-padded batches; pass matching position_ids); both cover the full sequence. Returns this
         TP rank's logits shard [B, T, Vpad/tp] (full sequence), or hidden states as taken above when
         not post_process.
+
+        kv_cache (decoding; neox.inference.KVCache or anything with `seq_len` and `layer(i) -> hook`):
+        input_ids are the T new positions after the kv_cache.seq_len cached ones; attention_mask then
+        covers cached + new keys [B, seq_len + T]; position_ids default seq_len..seq_len+T-1.
         """
         tp = self.ps.tp_size if self.sequence_parallel else 1
         if self.pre_process:
@@ -256,11 +260,16 @@ class GPTNeoX(nn.Module):
         else:
             x = input_ids
         t = x.shape[1] * tp  # attention sees the whole sequence, so positions are the usual ones
+        past = 0 if kv_cache is None else kv_cache.seq_len  # positions already in the cache
         if position_ids is None:
-            position_ids = torch.arange(t, device=x.device)[None]  # [1, T]
+            position_ids = torch.arange(past, past + t, device=x.device)[None]  # [1, T]
         cos, sin = rotary_cos_sin(position_ids, self.cfg.rotary_dim, self.cfg.rotary_emb_base, x.dtype)
-        mask = None if attention_mask is None else build_attention_mask(t, t, attention_mask, x.device)
-        x = self.run_layers(x, cos, sin, mask)
+        mask = None if attention_mask is None else build_attention_mask(t, past + t, attention_mask, x.device)
+        if kv_cache is not None:
+            for idx, layer in self.layers.items():
+                x = layer(x, cos, sin, mask, kv_cache.layer(int(idx)))
+        else:
+            x = self.run_layers(x, cos, sin, mask)
         if not self.post_process:
             return x
         return self.output_logits(self.final_norm(x))
