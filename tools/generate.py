@@ -3,19 +3,32 @@
     python tools/generate.py --load runs/tiny-neox --prompt "def main(" --max-new-tokens 60
     python tools/generate.py --load runs/tiny-neox --prompt-file prompts.txt --temperature 0
     python tools/generate.py --load runs/tiny-neox --interactive
+    torchrun --nproc-per-node 2 tools/generate.py --load runs/tiny-neox --prompt-file p.txt --tp 2
+
+A prompt file holds one prompt per line; prompts run in batches of --batch-size (left-padded, each
+row stops on its own). Under torchrun every rank loads its tensor-parallel shard of the checkpoint,
+all ranks sample the same tokens, and rank 0 prints.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
-import neox
+import torch
+import torch.distributed as dist
+
+from megatron_ext.launch import init_distributed
+from megatron_ext.topology import ParallelState
 from neox.checkpoint.io import resolve_step_dir
 from neox.data.tokenizers import build_tokenizer
-from neox.inference.generate import generate
+from neox.inference.generate import generate_batch
+from neox.inference.loading import load_model_for_inference
 from neox.inference.sampling import SamplingParams
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def find_tokenizer(load: Path, cfg, explicit: str | None):
@@ -38,50 +51,91 @@ def find_tokenizer(load: Path, cfg, explicit: str | None):
     raise SystemExit(f"no tokenizer found for {load}: pass --tokenizer path/to/tokenizer.json")
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="run dir, global_stepN dir, or HF GPT-NeoX dir")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt")
-    src.add_argument("--prompt-file", help="a file with one prompt per line")
-    src.add_argument("--interactive", action="store_true", help="read prompts from stdin")
+    src.add_argument("--prompt-file", help="a file with one prompt per line (run in batches)")
+    src.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the checkpoint's)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=1234)
-    args = p.parse_args(argv)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch for --prompt-file")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (= the number of processes)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence each step")
+    return p.parse_args(argv)
 
-    load = Path(args.load)
-    model = neox.load(load)
-    tok = find_tokenizer(load, model.config, args.tokenizer)
-    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    ctx = model.config.model.seq_length
 
-    def complete(prompt: str) -> str:
-        ids = tok.tokenize(prompt)
-        new = generate(model, ids, max_new_tokens=args.max_new_tokens, params=params,
-                       stop_token_ids=[tok.eod], max_context=ctx, seed=args.seed)
-        return tok.detokenize(new)
+def setup_parallel(tp: int) -> ParallelState:
+    _, world = init_distributed()
+    if world != tp:
+        raise SystemExit(f"--tp {tp} needs exactly {tp} processes, got {world}; run "
+                         f"`torchrun --nproc-per-node {tp} tools/generate.py ... --tp {tp}`")
+    return ParallelState.from_sizes(tp=tp) if tp > 1 else ParallelState.single()
 
+
+def read_prompts(args, ps: ParallelState):
+    """Yield batches of prompt strings; in interactive mode rank 0 reads stdin and shares each line."""
     if args.prompt is not None:
-        prompts = [args.prompt]
-    elif args.prompt_file:
+        yield [args.prompt]
+        return
+    if args.prompt_file:
         prompts = [line.rstrip("\n") for line in open(args.prompt_file) if line.strip()]
-    else:
-        prompts = None
-    if prompts is not None:
-        for prompt in prompts:
-            print(f"{prompt}{complete(prompt)}")
-            print("-" * 40)
-        return 0
-    print("interactive: type a prompt, empty line or Ctrl-D to quit", file=sys.stderr)
-    for line in sys.stdin:
-        prompt = line.rstrip("\n")
-        if not prompt:
-            break
-        print(f"{prompt}{complete(prompt)}", flush=True)
+        for i in range(0, len(prompts), args.batch_size):
+            yield prompts[i: i + args.batch_size]
+        return
+    if ps.rank == 0:
+        print("interactive: type a prompt, empty line or Ctrl-D to quit", file=sys.stderr, flush=True)
+    while True:
+        line = [None]
+        if ps.rank == 0:
+            raw = sys.stdin.readline()
+            line = [raw.rstrip("\n") if raw else ""]
+        if ps.tp_size > 1:
+            dist.broadcast_object_list(line, src=0)
+        if not line[0]:
+            return
+        yield [line[0]]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    ps = setup_parallel(args.tp)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    load = Path(args.load)
+    cfg, model = load_model_for_inference(load, ps, dtype=DTYPES[args.dtype], device=device)
+    tok = find_tokenizer(load, cfg, args.tokenizer)
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    ctx = cfg.model.max_position_embeddings or cfg.model.seq_length
+    keep = ctx - args.max_new_tokens
+    if keep < 1:
+        raise SystemExit(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
+                         f"{ctx} positions")
+    n_tokens, t0 = 0, time.perf_counter()
+    for batch in read_prompts(args, ps):
+        ids = [(tok.tokenize(p) or [tok.eod])[-keep:] for p in batch]  # the newest `keep` tokens fit
+        res = generate_batch(model, ids, max_new_tokens=args.max_new_tokens, params=params, eod_id=tok.eod,
+                             stop_strings=args.stop, detokenize=tok.detokenize, generator=gen,
+                             use_cache=not args.no_kv_cache)
+        n_tokens += sum(len(t) for t in res.tokens)
+        if ps.rank == 0:
+            for prompt, text in zip(batch, res.texts):
+                print(f"{prompt}{text}")
+                if not args.interactive:
+                    print("-" * 40)
+            sys.stdout.flush()
+    if ps.rank == 0:
+        dt = time.perf_counter() - t0
+        print(f"[generate] {n_tokens} tokens in {dt:.2f}s ({n_tokens / max(dt, 1e-9):.1f} tok/s)", file=sys.stderr)
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return 0
 
 

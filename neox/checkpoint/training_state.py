@@ -3,10 +3,23 @@
 Each rank writes its own model shard (``model_tpXX_ppYY.safetensors``, written by DP rank 0 only) and
 its own optimizer/RNG file; rank 0 writes the manifest and makes the checkpoint visible atomically
 (see ``neox.checkpoint.io``). Optimizer state is read back with ``torch.load(weights_only=True)``.
+
+Optimizer state comes in two on-disk forms:
+
+* native (what training writes): ``extra/optim_rankNNNNN.pt``, this rank's ``optimizer.state_dict()``,
+  plus ``extra/optim_index_rankNNNNN.json`` saying which parameter (global name) and which flat range
+  ``[lo, hi)`` of its TP-local tensor each optimizer slot holds. Fast and exact, but only valid for the
+  same TP x PP x DP layout and optimizer kind (plain / fp32 masters / ZeRO-1).
+* universal (what ``tools/reshard.py`` writes): ``extra/optim_tpXX_ppYY.safetensors`` holding, for every
+  parameter of that model shard, its per-element state as whole TP-local tensors (``NAME.exp_avg``,
+  ``NAME.exp_avg_sq``, ``NAME.master``...) and ``extra/optim_universal.json`` with the scalar state
+  (Adam's ``step``) and the loss scaler. Any DP size and optimizer kind loads it: each rank slices the
+  pieces it owns (the whole tensor without ZeRO, its ZeRO-1 shard with it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -108,6 +121,10 @@ def save_checkpoint(run_dir, iteration: int, *, model, optimizer, config: NeoXCo
     tp_rank, pp_rank, dp_rank = (ps.tp_rank, ps.pp_rank, ps.dp_rank) if ps is not None else (0, 0, 0)
     rank = ps.rank if ps is not None else 0
     entries = _gather_entries(model_tensor_entries(model, tp), ps)
+    index = None
+    if optimizer is not None:
+        index = optimizer_index(optimizer, model)
+        index.update(tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank, layout={"tp": tp, "pp": pp, "dp": dp})
 
     def fill_rank(tmp: Path) -> None:
         if dp_rank == 0:
@@ -117,6 +134,7 @@ def save_checkpoint(run_dir, iteration: int, *, model, optimizer, config: NeoXCo
         extra.mkdir(exist_ok=True)
         if optimizer is not None:
             torch.save(optimizer.state_dict(), extra / f"optim_rank{rank:05d}.pt")
+            (extra / optim_index_file_name(rank)).write_text(json.dumps(index))
         if save_rng:
             rng = rng_state()
             if rng_tracker is not None:
@@ -195,14 +213,10 @@ def load_checkpoint(path, *, model, optimizer=None, ps=None, step: int | None = 
     unexpected = sorted(set(sd) - needed)
     if unexpected:
         raise CheckpointError(f"checkpoint {step_dir} holds tensors this model lacks: {unexpected[:5]}")
-    extra = step_dir / "extra"
     if optimizer is not None:
-        f = extra / f"optim_rank{rank:05d}.pt"
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint {step_dir} has no optimizer state for rank {rank} ({f.name})")
-        optimizer.load_state_dict(torch.load(f, weights_only=True, map_location="cpu"))
+        load_optimizer_state(step_dir, manifest, optimizer, model, ps)
     if load_rng:
-        f = extra / f"rng_rank{rank:05d}.safetensors"
+        f = step_dir / "extra" / f"rng_rank{rank:05d}.safetensors"
         if f.is_file():
             rng = load_file(str(f))
             set_rng_state(rng)
@@ -210,6 +224,178 @@ def load_checkpoint(path, *, model, optimizer=None, ps=None, step: int | None = 
             if rng_tracker is not None and tracked:
                 rng_tracker.set_states(tracked)
     return dict(manifest.get("trainer_state", {}), iteration=manifest["iteration"])
+
+
+
+# ---------------------------------------------------------------------------------- optimizer state
+UNIVERSAL_META = "optim_universal.json"
+UNIVERSAL_FORMAT = "neox-universal-optimizer"
+
+
+def optim_file_name(rank: int) -> str:
+    return f"optim_rank{rank:05d}.pt"
+
+
+def optim_index_file_name(rank: int) -> str:
+    return f"optim_index_rank{rank:05d}.json"
+
+
+def universal_optim_file_name(tp_rank: int, pp_rank: int) -> str:
+    return f"optim_tp{tp_rank:02d}_pp{pp_rank:02d}.safetensors"
+
+
+def _param_names(model) -> dict[int, str]:
+    return {id(p): n for m in _modules(model) for n, p in m.named_parameters()}
+
+
+def _inner(optimizer) -> torch.optim.Optimizer:
+    return optimizer if isinstance(optimizer, torch.optim.Optimizer) else optimizer.optimizer
+
+
+def _has_masters(optimizer) -> bool:
+    return hasattr(optimizer, "pieces")  # MixedPrecisionOptimizer / DistributedOptimizer (ZeRO-1)
+
+
+def _slots(optimizer) -> list[tuple[torch.nn.Parameter, int, int]]:
+    """(model param, lo, hi) of every slot of the inner torch optimizer, in its state_dict index order.
+
+    A slot is the flat range ``[lo, hi)`` of the param's TP-local tensor that the slot's state covers:
+    the whole param, or its ZeRO-1 piece (the fp32 master of ``param.view(-1)[lo:hi]``)."""
+    inner = _inner(optimizer)
+    if _has_masters(optimizer):
+        piece_of = {id(pc.master): pc for pc in optimizer.pieces}
+        return [(piece_of[id(m)].param, piece_of[id(m)].lo, piece_of[id(m)].hi)
+                for g in inner.param_groups for m in g["params"]]
+    return [(p, 0, p.numel()) for g in inner.param_groups for p in g["params"]]
+
+
+def optimizer_index(optimizer, model) -> dict:
+    """What each slot of this rank's native optimizer state holds (saved beside it as JSON), so that
+    tools/reshard.py can read native state of any layout without rebuilding the optimizer."""
+    names = _param_names(model)
+    fsdp = any(hasattr(p, "full_tensor") for p, _, _ in _slots(optimizer)) if not _has_masters(optimizer) else False
+    index = {"class": type(optimizer).__qualname__, "fsdp": fsdp,
+             "slots": [[names[id(p)], lo, hi] for p, lo, hi in _slots(optimizer)]}
+    if _has_masters(optimizer):
+        index["masters"] = [[names[id(pc.param)], pc.lo, pc.hi] for pc in optimizer.pieces]
+    return index
+
+
+def _reshard_command(step_dir: Path, tp: int, pp: int, dp: int) -> str:
+    return (f"python tools/reshard.py --input {step_dir} --output {step_dir}_tp{tp}_pp{pp}_dp{dp} "
+            f"--tp {tp} --pp {pp} --dp {dp}")
+
+
+def load_optimizer_state(step_dir: Path, manifest: Mapping, optimizer, model, ps=None) -> None:
+    """Restore ``optimizer`` from universal state when present, else from this rank's native file
+    (refused, with the reshard command, when it was written for another DP size or optimizer kind)."""
+    extra = step_dir / "extra"
+    tp, pp, dp = (ps.tp_size, ps.pp_size, ps.dp_size) if ps is not None else (1, 1, 1)
+    rank = ps.rank if ps is not None else 0
+    if (extra / UNIVERSAL_META).is_file():
+        load_universal_optimizer(step_dir, optimizer, model, ps)
+        return
+    f = extra / optim_file_name(rank)
+    if not (extra / optim_file_name(0)).is_file():
+        raise CheckpointError(f"checkpoint {step_dir} holds no optimizer state (saved without it); "
+                              "load the weights only (optimizer=None)")
+    saved_dp = int(manifest["layout"].get("dp", 1))
+    problem = None
+    index_f = extra / optim_index_file_name(rank)
+    if saved_dp != dp:
+        problem = f"data-parallel size {saved_dp} (this run: {dp})"
+    elif index_f.is_file():
+        saved_class = json.loads(index_f.read_text())["class"]
+        if saved_class != type(optimizer).__qualname__:
+            problem = f"optimizer {saved_class} (this run: {type(optimizer).__qualname__}; ZeRO or precision differ)"
+    if problem is not None:
+        raise CheckpointError(
+            f"the optimizer state in {step_dir} was saved for {problem}; convert it to a layout-independent "
+            f"form first: {_reshard_command(step_dir, tp, pp, dp)}"
+        )
+    if not f.is_file():
+        raise CheckpointError(f"checkpoint {step_dir} has no optimizer state for rank {rank} ({f.name})")
+    optimizer.load_state_dict(torch.load(f, weights_only=True, map_location="cpu"))
+
+
+def scalar_to_json(value) -> dict:
+    if torch.is_tensor(value):
+        return {"value": value.item(), "tensor": True, "dtype": str(value.dtype).removeprefix("torch.")}
+    return {"value": value, "tensor": False}
+
+
+def scalar_from_json(entry: Mapping):
+    return torch.tensor(entry["value"], dtype=getattr(torch, entry["dtype"])) if entry["tensor"] else entry["value"]
+
+
+@torch.no_grad()
+def load_universal_optimizer(step_dir: Path, optimizer, model, ps=None) -> None:
+    """Fill ``optimizer`` (plain torch, fp32 masters, or ZeRO-1 of any DP size) from universal state.
+
+    Every slot takes its ``[lo, hi)`` range of the TP-local tensors stored for its parameter; the
+    hyperparameters (lr, betas, weight decay) stay those of this run's optimizer, the learning rate
+    being set by the schedule each step anyway. A tied embedding copy on the last pipeline stage
+    reads the first stage's state (the copies are equal: same init, same summed grads).
+    """
+    from safetensors import safe_open
+
+    extra = Path(step_dir) / "extra"
+    meta = json.loads((extra / UNIVERSAL_META).read_text())
+    if meta.get("format") != UNIVERSAL_FORMAT:
+        raise CheckpointError(f"{extra / UNIVERSAL_META} is not neox universal optimizer state")
+    tp_rank, pp_rank = (ps.tp_rank, ps.pp_rank) if ps is not None else (0, 0)
+    names = _param_names(model)
+    shared = {id(p) for m in _modules(model) for p in m.parameters() if is_shared_copy(m, p)}
+    slots = _slots(optimizer)
+    if any(hasattr(p, "full_tensor") for p, _, _ in slots) and not _has_masters(optimizer):
+        raise CheckpointError("universal optimizer state cannot be loaded into an FSDP (zero_stage 2/3) "
+                              "optimizer; train with zero_stage 0 or 1, or load the weights only")
+    with contextlib.ExitStack() as stack:
+        handles: dict[int, tuple] = {}
+
+        def stored(param, key: str) -> torch.Tensor | None:
+            """The TP-local tensor of ``key`` for ``param``, flattened, or None when not stored."""
+            name = names[id(param)]
+            if key not in meta["keys"].get(name, ()):
+                return None
+            pp = 0 if id(param) in shared else pp_rank
+            if pp not in handles:
+                f = extra / universal_optim_file_name(tp_rank, pp)
+                if not f.is_file():
+                    raise CheckpointError(f"checkpoint {step_dir} lacks optimizer shard {f.name}")
+                h = stack.enter_context(safe_open(str(f), framework="pt"))
+                handles[pp] = (h, set(h.keys()))
+            h, keys = handles[pp]
+            if f"{name}.{key}" not in keys:
+                raise CheckpointError(f"optimizer shard of {step_dir} lacks {name}.{key}")
+            t = h.get_tensor(f"{name}.{key}").reshape(-1)
+            if t.numel() != param.numel():
+                raise CheckpointError(f"optimizer state {name}.{key} in {step_dir} has {t.numel()} elements, the "
+                                      f"parameter {param.numel()}; the checkpoint is of another layout or model")
+            return t
+
+        state: dict[int, dict] = {}
+        for i, (p, lo, hi) in enumerate(slots):
+            entry = {}
+            for key in meta["keys"].get(names[id(p)], ()):
+                if key != "master":
+                    t = stored(p, key)[lo:hi]
+                    entry[key] = t.clone() if _has_masters(optimizer) else t.view(p.shape).clone()
+            for key, value in meta["scalars"].get(names[id(p)], {}).items():
+                entry[key] = scalar_from_json(value)
+            if entry:
+                state[i] = entry
+        inner_sd = {"state": state, "param_groups": _inner(optimizer).state_dict()["param_groups"]}
+        if not _has_masters(optimizer):
+            optimizer.load_state_dict(inner_sd)
+            return
+        masters = []
+        for pc in optimizer.pieces:
+            t = stored(pc.param, "master")
+            if t is None:  # saved without fp32 masters (plain fp32 training): the weights are the masters
+                t = _full(pc.param).detach().float().reshape(-1)
+            masters.append(t[pc.lo: pc.hi].clone())
+        optimizer.load_state_dict({"optimizer": inner_sd, "masters": masters, "loss_scaler": meta.get("loss_scaler")})
 
 
 def describe(step_dir) -> str:

@@ -4,7 +4,8 @@
 interpreter's own documentation topics (`pydoc_data.topics`) and standard-library sources, one
 document per topic or module. From it we train a byte-level BPE tokenizer (the same kind as the
 GPT-NeoX-20B one: ByteLevel pre-tokenizer and decoder, `<|endoftext|>` = 0, `<|padding|>` = 1) and
-write Megatron `.bin/.idx` files with megatron-core's `IndexedDatasetBuilder`.
+write Megatron `.bin/.idx` files with the preprocessing writer (neox.data.indexed; the same bytes as
+megatron-core's `IndexedDatasetBuilder`).
 
 Documents are ordered by a hash of their names, so the selection under `max_bytes` depends only on
 the Python version, not on the machine. They are written in that order, and the held-out part is
@@ -136,22 +137,21 @@ def train_bpe_tokenizer(texts: list[str], vocab_size: int):
 
 
 def write_indexed_dataset(prefix: str | Path, docs_ids: list[list[int]], eod: int, vocab_size: int) -> int:
-    """Write one Megatron document (ids + eod) per entry to prefix.{bin,idx}; returns token count."""
+    """Write one Megatron document (ids + eod) per entry to prefix.{bin,idx}; returns token count.
+
+    Uses the same writer as tools/preprocess_data.py (bytes identical to megatron-core's builder).
+    """
     import numpy as np
 
-    with warnings.catch_warnings():  # megatron-core warns at import that Apex/TE are absent
-        warnings.simplefilter("ignore")
-        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    from neox.data.indexed import IndexedWriter, best_dtype
 
-    dtype = DType.optimal_dtype(vocab_size)  # uint16 below 65500 tokens, else int32
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
-    n = 0
-    for ids in docs_ids:
-        arr = np.asarray([*ids, eod], dtype=dtype)  # [len(doc) + 1]
-        builder.add_document(arr, [arr.size])
-        n += arr.size
-    builder.finalize(f"{prefix}.idx")
-    return n
+    writer = IndexedWriter(f"{prefix}.bin", best_dtype(vocab_size))  # uint16 below 65500 tokens, else int32
+    docs = [[*ids, eod] for ids in docs_ids]
+    lengths = np.fromiter(map(len, docs), dtype=np.int32, count=len(docs))
+    writer.add_documents(np.fromiter((t for d in docs for t in d), dtype=writer.dtype, count=int(lengths.sum())),
+                         lengths)
+    writer.finalize(f"{prefix}.idx")
+    return writer.num_tokens
 
 
 def build_default_corpus(

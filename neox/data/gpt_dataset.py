@@ -76,12 +76,17 @@ def build_train_valid_test_datasets(
     reset_attention_mask: bool = False,
     build_on_this_rank: bool = True,
     mmap: bool = True,
+    check_vocab: bool = True,
 ) -> tuple:
     """(train, valid, test) megatron-core datasets; a split with no data is None.
 
     Either `data_path` (one prefix, or several blended by `data_weights`) cut by `split`, or
     separate `*_data_paths` per split, each optionally blended by `*_data_weights`.
     `num_samples[i]` is how many samples split i must provide (None: one epoch).
+
+    Before megatron-core opens anything, every prefix is validated (`validate_indexed_dataset`) and,
+    with `check_vocab`, scanned for token ids outside `tokenizer.vocab_size` (`check_token_range`;
+    the result is cached beside the sample indices). Both raise DataError (a ConfigError).
     """
     with warnings.catch_warnings():  # megatron-core warns at import that Apex/TE are absent
         warnings.simplefilter("ignore")
@@ -111,13 +116,15 @@ def build_train_valid_test_datasets(
             "`python tools/prepare_default_data.py` builds the embedded default corpus."
         )
 
+    cache = index_cache_dir(all_prefixes, cache_dir)
+    check_datasets(all_prefixes, int(tokenizer.vocab_size) if check_vocab else None, cache)
     config = GPTDatasetConfig(
         random_seed=int(seed),
         sequence_length=int(seq_length),
         blend=blend,
         blend_per_split=blend_per_split,
         split=split,
-        path_to_cache=str(index_cache_dir(all_prefixes, cache_dir)),
+        path_to_cache=str(cache),
         mmap_bin_files=mmap,
         tokenizer=MegatronTokenizerView(tokenizer),
         reset_position_ids=reset_position_ids,
@@ -130,6 +137,40 @@ def build_train_valid_test_datasets(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*single MegatronDataset.*")
         return tuple(builder.build())
+
+
+def check_datasets(prefixes: Sequence[str], vocab_size: int | None, cache: str | Path | None = None) -> None:
+    """Validate every prefix; with vocab_size, check every token id is below it (max ids cached in `cache`).
+
+    Every rank runs this (no collective: a rank that raised would leave the others waiting in
+    megatron-core's barrier); the cached scan makes the second start free.
+    """
+    import json
+
+    from neox.data.indexed import check_token_range, validate_indexed_dataset
+
+    infos = {p: validate_indexed_dataset(p) for p in dict.fromkeys(prefixes)}
+    if vocab_size is None:
+        return
+    path = Path(cache) / "max_token_id.json" if cache is not None else None
+    try:
+        known = json.loads(path.read_text(encoding="utf-8")) if path is not None else {}
+    except (OSError, ValueError):
+        known = {}
+    fresh = {}
+    for p, info in infos.items():
+        key = os.path.abspath(p)
+        if key in known and isinstance(known[key], int) and known[key] < vocab_size:
+            continue
+        fresh[key] = check_token_range(p, vocab_size, info)
+    if fresh and path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps({**known, **fresh}, indent=1), encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError:  # a read-only cache only costs a rescan next time
+            pass
 
 
 def _blend(key: str, paths: Sequence[str] | None, weights: Sequence[float] | None):

@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 
 from megatron_ext.launch import detect_launcher_env
-from neox.data.default_corpus import build_default_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = str(ROOT / "train.py")
@@ -51,12 +50,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return build_default_corpus(tmp_path_factory.mktemp("corpus"), max_bytes=400_000, vocab_size=512, log=None)
-
-
 def overrides(corpus, run_dir: Path, **extra) -> list[str]:
+    """Config keys for a tiny run; ``corpus`` is tests/e2e/conftest.py's small built corpus."""
     kv = {
         "vocab_file": corpus["tokenizer_file"], "data_path": corpus["data_prefix"], "split": "90,10,0",
         "num_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 64,
@@ -165,7 +160,7 @@ import torch.distributed as dist
 from megatron_ext.launch import init_distributed
 from megatron_ext.topology import ParallelState
 
-rank, world = init_distributed(timeout_s=5)
+rank, world = init_distributed(timeout_s=8)
 ps = ParallelState.from_sizes(tp=1, pp=1)
 if ps.rank == 1:
     if {mode!r} == "raise":

@@ -5,21 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 import neox
-from neox.data.default_corpus import build_default_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    out = tmp_path_factory.mktemp("corpus")
-    return build_default_corpus(out, max_bytes=400_000, vocab_size=512, log=None)
 
 
 def _overrides(corpus, run_dir, **extra):
