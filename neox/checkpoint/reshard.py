@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -81,10 +82,14 @@ def stage_layer_ranges(cfg: NeoXConfig, tp: int, pp: int, vpp: int | None = None
         raise ConfigError(str(e)) from e
 
 
+_LAYER_NAME = re.compile(r"^(?:layers|blocks)\.(\d+)\.")  # a layer's tensors carry its GLOBAL index
+
+
 def stage_of_name(name: str, ranges: list[list[tuple[int, int]]]) -> int:
     """The pipeline stage whose shard file holds ``name`` (a tied embedding: the first stage)."""
-    if name.startswith("layers."):
-        i = int(name.split(".", 2)[1])
+    m = _LAYER_NAME.match(name)
+    if m:
+        i = int(m.group(1))
         return next(r for r, chunks in enumerate(ranges) if any(a <= i < b for a, b in chunks))
     return 0 if name.startswith("embed") else len(ranges) - 1
 

@@ -17,8 +17,9 @@ import torch.distributed as dist
 
 from megatron_ext.data_parallel import DataParallel, DistributedOptimizer, MixedPrecisionOptimizer, clip_grad_norm
 from megatron_ext.data_parallel.precision import make_loss_scaler
-from megatron_ext.pipeline import get_schedule, partition_layers, run_schedule
+from megatron_ext.pipeline import get_schedule, run_schedule
 from megatron_ext.tensor_parallel import seed_all
+from neox.checkpoint.reshard import stage_layer_ranges
 from neox.config import ConfigError, NeoXConfig
 from neox.models import ParallelOptions
 from neox.models.registry import build_model
@@ -63,19 +64,9 @@ class PlainOptimizer:
 
 
 def pipeline_layout(cfg: NeoXConfig, ps) -> list[tuple[int, int]]:
-    """This rank's (start, stop) layer range per virtual chunk; the planner (neox.config.plan) uses
-    the same split, so its per-stage numbers describe what runs."""
-    p, m = cfg.parallel, cfg.model
-    if p.pipe_partition_method == "parameters" and ps.vpp_size == 1:
-        from neox.config.plan import stage_layer_counts
-
-        counts = stage_layer_counts(m, ps.pp_size, "parameters", ps.tp_size)
-        start = sum(counts[: ps.pp_rank])
-        return [(start, start + counts[ps.pp_rank])]
-    try:
-        return partition_layers(m.num_layers, ps.pp_size, ps.vpp_size)[ps.pp_rank]
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    """This rank's (start, stop) layer range per virtual chunk. One definition serves the engine, the
+    resharder and (for the "parameters" method) the planner, so they always agree."""
+    return stage_layer_ranges(cfg, ps.tp_size, ps.pp_size, ps.vpp_size)[ps.pp_rank]
 
 
 class FSDPOptimizer(PlainOptimizer):

@@ -136,44 +136,60 @@ def run(mb: float, repeats: int, workers: int, work: Path, log=print) -> dict:
         f"tokenizer: {tok_name}; {os.cpu_count()} CPUs")
 
     times: dict[str, list[float]] = {"pp": [], "plain": [], "bare1": [], "bareN": []}
+    cpu: dict[str, list[float]] = {k: [] for k in times}
     tokens: dict[str, int] = {}
+
+    def timed(key, fn):
+        c, t = _cpu(), time.perf_counter()
+        out = fn()
+        times[key].append(time.perf_counter() - t)
+        cpu[key].append(_cpu() - c)
+        return out
+
     for r in range(repeats):
-        t = time.perf_counter()
-        res = preprocess(str(inp), work / "pp", tok, append_eod=True, workers=workers, overwrite=True,
-                         progress=False, log=None)
-        times["pp"].append(time.perf_counter() - t)
+        res = timed("pp", lambda: preprocess(str(inp), work / "pp", tok, append_eod=True, workers=workers,
+                                             overwrite=True, progress=False, log=None))
         tokens["pp"] = res["outputs"]["text"]["tokens"]
-        t = time.perf_counter()
-        tokens["plain"] = plain_loop(inp, tok, str(work / "plain"))
-        times["plain"].append(time.perf_counter() - t)
-        log(f"  repeat {r + 1}: preprocess {times['pp'][-1]:.2f} s, plain loop {times['plain'][-1]:.2f} s")
+        tokens["plain"] = timed("plain", lambda: plain_loop(inp, tok, str(work / "plain")))
+        log(f"  repeat {r + 1}: preprocess {times['pp'][-1]:.2f} s ({cpu['pp'][-1]:.2f} CPU-s), "
+            f"plain loop {times['plain'][-1]:.2f} s ({cpu['plain'][-1]:.2f} CPU-s)")
     identical = all(filecmp.cmp(work / f"pp_text_document{e}", work / f"plain{e}", shallow=False)
                     for e in (".bin", ".idx"))
     texts = read_texts(inp)
     for key, threads in (("bare1", "false"), ("bareN", "true")):
         for _ in range(repeats):
-            t = time.perf_counter()
-            tokens[key] = bare_encode_batch(texts, tok, threads)
-            times[key].append(time.perf_counter() - t)
+            tokens[key] = timed(key, lambda threads=threads: bare_encode_batch(texts, tok, threads))
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     assert len(set(tokens.values())) == 1, tokens
     med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     return {"tokens": tokens["pp"], "bytes": in_bytes, "docs": n_docs, "median_s": med, "all_s": times,
+            "median_cpu_s": med_cpu, "load_avg": os.getloadavg()[0],
             "identical": identical, "tokenizer": tok_name, "workers": workers}
 
 
+def _cpu() -> float:
+    """CPU seconds of this process (all threads) and of its finished children (pool workers)."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def table(r: dict) -> str:
-    n, b, med = r["tokens"], r["bytes"], r["median_s"]
-    rows = [("preprocess_data.py", f"--workers {r['workers']}", med["pp"]),
-            ("plain loop (gpt-neox, 1 worker)", "1 process", med["plain"]),
-            ("encode_batch in memory", "1 thread", med["bare1"]),
-            ("encode_batch in memory (ceiling)", f"{os.cpu_count()} threads", med["bareN"])]
-    out = [f"{'path':34} {'parallelism':>12} {'median s':>9} {'Mtok/s':>8} {'MB/s':>7} {'vs plain':>9} "
-           f"{'vs ceiling':>11}"]
-    for name, par, s in rows:
-        out.append(f"{name:34} {par:>12} {s:9.2f} {n / s / 1e6:8.3f} {b / s / 1e6:7.2f} "
+    n, b, med, cpu = r["tokens"], r["bytes"], r["median_s"], r["median_cpu_s"]
+    rows = [("preprocess_data.py", f"--workers {r['workers']}", "pp"),
+            ("plain loop (gpt-neox, 1 worker)", "1 process", "plain"),
+            ("encode_batch in memory", "1 thread", "bare1"),
+            ("encode_batch in memory (ceiling)", f"{os.cpu_count()} threads", "bareN")]
+    out = [f"{'path':34} {'parallelism':>12} {'median s':>9} {'CPU-s':>6} {'Mtok/s':>8} {'MB/s':>7} "
+           f"{'vs plain':>9} {'vs ceiling':>11}"]
+    for name, par, k in rows:
+        s = med[k]
+        out.append(f"{name:34} {par:>12} {s:9.2f} {cpu[k]:6.2f} {n / s / 1e6:8.3f} {b / s / 1e6:7.2f} "
                    f"{med['plain'] / s:8.2f}x {med['bareN'] / s:10.2f}x")
-    out.append(f"{n:,} tokens; preprocess output byte-identical to the plain loop's: {r['identical']}")
+    out.append(f"{n:,} tokens; preprocess output byte-identical to the plain loop's: {r['identical']}; "
+               f"load average at the end {r['load_avg']:.1f} on {os.cpu_count()} CPUs")
     return "\n".join(out)
 
 
