@@ -51,7 +51,7 @@ class IndexedWriter:
     def __init__(self, bin_path: str | Path, dtype) -> None:
         self.dtype = np.dtype(dtype)
         assert self.dtype in CODE_OF, self.dtype
-        self._file = open(bin_path, "wb")  # noqa: SIM115  (closed in finalize/close)
+        self._file = open(bin_path, "wb")  # closed in finalize() or close()
         self._lengths: list[np.ndarray] = []
         self.num_documents = 0
         self.num_tokens = 0

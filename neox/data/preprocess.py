@@ -111,7 +111,7 @@ def open_stream(path: str | Path):
         import lzma
 
         return lzma.open(path, "rb")
-    return open(path, "rb")  # noqa: SIM115
+    return open(path, "rb")
 
 
 class _ZstdReader(io.RawIOBase):
@@ -122,7 +122,7 @@ class _ZstdReader(io.RawIOBase):
         import zstandard
 
         self._path = path
-        self._raw = open(path, "rb")  # noqa: SIM115  (closed in close())
+        self._raw = open(path, "rb")  # closed in close()
         self._dctx = zstandard.ZstdDecompressor(max_window_size=1 << 31)
         self._obj = self._dctx.decompressobj()
         self._fed = False  # the current frame has had input
