@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 
 import neox
-from neox.checkpoint.io import resolve_step_dir
-from neox.data.tokenizers import build_tokenizer
+from neox.checkpoint.loading import find_tokenizer
 from neox.inference.evaluate import (
     METHODS,
     evaluate_lambada,
@@ -40,26 +39,6 @@ from neox.inference.evaluate import (
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def find_tokenizer(load: Path, cfg, explicit: str | None, kind: str):
-    """--tokenizer, else a tokenizer.json beside the checkpoint (HF dir, step dir, run dir), else the config's."""
-    if explicit:
-        return build_tokenizer(kind, explicit)
-    candidates = [load / "tokenizer.json"]
-    if load.is_dir() and not (load / "config.json").is_file():
-        try:
-            step = resolve_step_dir(load)
-            candidates += [step / "tokenizer.json", step.parent / "tokenizer.json"]
-        except ValueError:
-            pass
-    for c in candidates:
-        if c.is_file():
-            return build_tokenizer("HFTokenizer", str(c))
-    d = cfg.data
-    if d.tokenizer_type == "CharLevelTokenizer" or (d.vocab_file and Path(d.vocab_file).is_file()):
-        return build_tokenizer(d.tokenizer_type, d.vocab_file, d.merge_file)
-    raise SystemExit(f"no tokenizer found for {load}: pass --tokenizer path/to/tokenizer.json")
 
 
 def parse_args(argv=None):

@@ -48,3 +48,28 @@ def load(path, *, dtype: torch.dtype = torch.float32, device: str | torch.device
     lm = CausalLM(model, cfg.model)
     lm.config = cfg
     return lm.to(device=device, dtype=dtype).eval()
+
+
+def find_tokenizer(load, cfg: NeoXConfig, explicit: str | None = None, kind: str = "HFTokenizer"):
+    """The tokenizer for a checkpoint: ``explicit`` (of type ``kind``), else a tokenizer.json beside it
+    (HF dir, step dir or run dir), else the one its config names."""
+    from neox.checkpoint.io import resolve_step_dir
+    from neox.data.tokenizers import build_tokenizer
+
+    load = Path(load)
+    if explicit:
+        return build_tokenizer(kind, explicit)
+    candidates = [load / "tokenizer.json"]
+    if load.is_dir() and not is_hf_dir(load):
+        try:
+            step = resolve_step_dir(load)
+            candidates += [step / "tokenizer.json", step.parent / "tokenizer.json"]
+        except ValueError:
+            pass
+    for c in candidates:
+        if c.is_file():
+            return build_tokenizer("HFTokenizer", str(c))
+    d = cfg.data
+    if d.tokenizer_type == "CharLevelTokenizer" or (d.vocab_file and Path(d.vocab_file).is_file()):
+        return build_tokenizer(d.tokenizer_type, d.vocab_file, d.merge_file)
+    raise CheckpointError(f"no tokenizer found for {load}: pass --tokenizer path/to/tokenizer.json")
