@@ -30,8 +30,12 @@ lint: install
 	$(PY) -m ruff check .
 	$(PY) tools/check_layers.py
 
-test: install lint
+test: install lint kernels
 	$(PY) -m pytest -q tests
+
+# compiles every csrc/**/*.cu for sm_80 and sm_90 with the machine's nvcc (skips, saying so, without one)
+kernels: install
+	$(PY) tools/build_kernels.py --nvcc $(NVCC)
 
 docs: install
 	$(PY) tools/gen_config_docs.py
