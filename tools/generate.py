@@ -1,4 +1,4 @@
-"""Generate text from a neox checkpoint or a Hugging Face GPT-NeoX directory.
+"""Generate text from a neox checkpoint or a Hugging Face GPT-NeoX / RWKV directory.
 
     python tools/generate.py --load runs/tiny-neox --prompt "def main(" --max-new-tokens 60
     python tools/generate.py --load runs/tiny-neox --prompt-file prompts.txt --temperature 0
@@ -6,7 +6,11 @@
     torchrun --nproc-per-node 2 tools/generate.py --load runs/tiny-neox --prompt-file p.txt --tp 2
 
 A prompt file holds one prompt per line; prompts run in batches of --batch-size (left-padded, each
-row stops on its own). Under torchrun every rank loads its tensor-parallel shard of the checkpoint,
+row stops on its own). RWKV checkpoints generate in RNN mode: each prompt runs in parallel mode returning
+its state, then one token per step with O(1) state (no context limit). `--save-state FILE` writes the
+state after the generated text (safetensors, with the next-token logits and the sampling RNG) and
+`--load-state FILE` continues from it, exactly: an empty --prompt "" resumes the generation, a prompt is
+read on from the state. Under torchrun every rank loads its tensor-parallel shard of the checkpoint,
 all ranks sample the same tokens, and rank 0 prints.
 """
 
@@ -25,6 +29,7 @@ from megatron_ext.topology import ParallelState
 from neox.checkpoint.loading import find_tokenizer
 from neox.inference.generate import generate_batch
 from neox.inference.loading import load_model_for_inference
+from neox.inference.rnn import RNNRunner, load_state, rnn_generate_batch, save_state
 from neox.inference.sampling import SamplingParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,6 +53,8 @@ def parse_args(argv):
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (= the number of processes)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence each step")
+    p.add_argument("--save-state", help="RWKV: write the state after the generated text to this file")
+    p.add_argument("--load-state", help="RWKV: continue from a state written by --save-state")
     return p.parse_args(argv)
 
 
@@ -83,6 +90,57 @@ def read_prompts(args, ps: ParallelState):
         yield [line[0]]
 
 
+def print_texts(args, ps: ParallelState, batch, texts) -> None:
+    if ps.rank == 0:
+        for prompt, text in zip(batch, texts):
+            print(f"{prompt}{text}")
+            if not args.interactive:
+                print("-" * 40)
+        sys.stdout.flush()
+
+
+def generate_kv(args, ps, cfg, model, tok, params, gen) -> int:
+    """GPT-NeoX: batched generation with a KV cache; returns the number of generated tokens."""
+    ctx = cfg.model.max_position_embeddings or cfg.model.seq_length
+    keep = ctx - args.max_new_tokens
+    if keep < 1:
+        raise SystemExit(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
+                         f"{ctx} positions")
+    n_tokens = 0
+    for batch in read_prompts(args, ps):
+        ids = [(tok.tokenize(p) or [tok.eod])[-keep:] for p in batch]  # the newest `keep` tokens fit
+        res = generate_batch(model, ids, max_new_tokens=args.max_new_tokens, params=params, eod_id=tok.eod,
+                             stop_strings=args.stop, detokenize=tok.detokenize, generator=gen,
+                             use_cache=not args.no_kv_cache)
+        n_tokens += sum(len(t) for t in res.tokens)
+        print_texts(args, ps, batch, res.texts)
+    return n_tokens
+
+
+def generate_rnn(args, ps, model, tok, params, gen) -> int:
+    """RWKV: RNN-mode generation (no context limit), optionally from / to a saved state."""
+    if (args.save_state or args.load_state) and args.prompt is None:
+        raise SystemExit("--save-state / --load-state need a single --prompt (use --prompt '' to just continue)")
+    saved = None
+    if args.load_state:
+        saved = load_state(args.load_state, model)
+        if saved.rng is not None:  # the sampling stream continues where the saved run stopped
+            gen.set_state(saved.rng)
+    runner = RNNRunner(model)
+    n_tokens = 0
+    for batch in read_prompts(args, ps):
+        ids = [tok.tokenize(p) if saved is not None else (tok.tokenize(p) or [tok.eod]) for p in batch]
+        res = rnn_generate_batch(runner, ids, max_new_tokens=args.max_new_tokens, params=params, eod_id=tok.eod,
+                                 stop_strings=args.stop, detokenize=tok.detokenize, generator=gen,
+                                 state=saved.state if saved else None, logits=saved.logits if saved else None,
+                                 return_state=bool(args.save_state))
+        n_tokens += sum(len(t) for t in res.tokens)
+        print_texts(args, ps, batch, res.texts)
+        if args.save_state and ps.rank == 0:
+            save_state(args.save_state, res.state, res.next_logits, gen)
+    return n_tokens
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     ps = setup_parallel(args.tp)
@@ -92,24 +150,14 @@ def main(argv=None) -> int:
     tok = find_tokenizer(load, cfg, args.tokenizer)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    ctx = cfg.model.max_position_embeddings or cfg.model.seq_length
-    keep = ctx - args.max_new_tokens
-    if keep < 1:
-        raise SystemExit(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
-                         f"{ctx} positions")
-    n_tokens, t0 = 0, time.perf_counter()
-    for batch in read_prompts(args, ps):
-        ids = [(tok.tokenize(p) or [tok.eod])[-keep:] for p in batch]  # the newest `keep` tokens fit
-        res = generate_batch(model, ids, max_new_tokens=args.max_new_tokens, params=params, eod_id=tok.eod,
-                             stop_strings=args.stop, detokenize=tok.detokenize, generator=gen,
-                             use_cache=not args.no_kv_cache)
-        n_tokens += sum(len(t) for t in res.tokens)
-        if ps.rank == 0:
-            for prompt, text in zip(batch, res.texts):
-                print(f"{prompt}{text}")
-                if not args.interactive:
-                    print("-" * 40)
-            sys.stdout.flush()
+    if cfg.model.model_type == "rwkv":
+        t0 = time.perf_counter()
+        n_tokens = generate_rnn(args, ps, model, tok, params, gen)
+    else:
+        if args.save_state or args.load_state:
+            raise SystemExit("--save-state / --load-state are for RWKV checkpoints (GPT-NeoX has no RNN state)")
+        t0 = time.perf_counter()
+        n_tokens = generate_kv(args, ps, cfg, model, tok, params, gen)
     if ps.rank == 0:
         dt = time.perf_counter() - t0
         print(f"[generate] {n_tokens} tokens in {dt:.2f}s ({n_tokens / max(dt, 1e-9):.1f} tok/s)", file=sys.stderr)

@@ -1,6 +1,10 @@
 """Tensor (and sequence) parallelism: layers, autograd collectives, vocab-parallel loss, RNG."""
 
 from megatron_ext.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from megatron_ext.tensor_parallel.fused_cross_entropy import (
+    vocab_parallel_linear_cross_entropy,
+    vocab_parallel_linear_cross_entropy_sum,
+)
 from megatron_ext.tensor_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -24,6 +28,8 @@ __all__ = [
     "RowParallelLinear",
     "VocabParallelEmbedding",
     "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
+    "vocab_parallel_linear_cross_entropy_sum",
     "default_init_method",
     "RNGStatesTracker",
     "seed_all",

@@ -1,7 +1,8 @@
-"""``neox.load``: any neox checkpoint (any TP/PP layout) or Hugging Face GPT-NeoX directory -> a module."""
+"""``neox.load``: any neox checkpoint (any TP/PP layout) or Hugging Face GPT-NeoX / RWKV directory -> a module."""
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -11,40 +12,48 @@ from neox.checkpoint.io import CheckpointError, load_model_checkpoint
 from neox.config import NeoXConfig
 
 
-def is_hf_dir(path: Path) -> bool:
-    cfg = path / "config.json"
+def hf_model_type(path: Path) -> str | None:
+    """transformers' `model_type` of a Hugging Face model directory (None: not one)."""
+    cfg = Path(path) / "config.json"
     if not cfg.is_file():
-        return False
+        return None
     try:
-        return json.loads(cfg.read_text()).get("model_type") == "gpt_neox"
+        return json.loads(cfg.read_text()).get("model_type")
     except json.JSONDecodeError:
-        return False
+        return None
+
+
+def is_hf_dir(path: Path) -> bool:
+    """A Hugging Face directory of a model family neox converts (GPT-NeoX, RWKV)."""
+    from neox.models.registry import spec_for_hf_model_type
+
+    kind = hf_model_type(path)
+    return kind is not None and spec_for_hf_model_type(kind) is not None
 
 
 def load_config_and_weights(path) -> tuple[NeoXConfig, dict[str, torch.Tensor]]:
-    """Read a neox checkpoint or an HF GPT-NeoX directory as (config, full neox state dict)."""
+    """Read a neox checkpoint or an HF GPT-NeoX / RWKV directory as (config, full neox state dict)."""
     path = Path(path)
     if path.is_dir() and is_hf_dir(path):
-        from neox.checkpoint.hf_gpt_neox import load_hf_checkpoint
+        from neox.models.registry import spec_for_hf_model_type
 
-        return load_hf_checkpoint(path)
+        adapter = importlib.import_module(spec_for_hf_model_type(hf_model_type(path)).hf_adapter)
+        return adapter.load_hf_checkpoint(path)
     return load_model_checkpoint(path)
 
 
 def load(path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> torch.nn.Module:
     """A ready ``CausalLM`` in eval mode: ``model(input_ids [B, T]) -> logits [B, T, V]`` (real vocab)."""
     from megatron_ext.topology import ParallelState
+    from neox.inference.loading import shard_state_dict
     from neox.models.causal_lm import CausalLM
     from neox.models.registry import build_model
 
     cfg, state = load_config_and_weights(path)
-    model = build_model(cfg.model, ParallelState.single())
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: checkpoint does not match the model it describes "
-            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
-        )
+    ps = ParallelState.single()
+    model = build_model(cfg.model, ps)
+    # vocab rows re-padded for one process (a checkpoint written for TP > 1 pads them further)
+    model.load_state_dict(shard_state_dict(state, model, cfg, ps), strict=True)
     lm = CausalLM(model, cfg.model)
     lm.config = cfg
     return lm.to(device=device, dtype=dtype).eval()

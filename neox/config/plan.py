@@ -7,7 +7,8 @@ GPT-NeoX parameter layout (names as the checkpoint format):
     dense_h_to_4h [F, D] + [F], dense_4h_to_h [D, F] + [D]; final_norm 2D; lm_head [Vpad, D] if untied.
 RWKV-4 (no biases): emb [Vpad, D], ln0 2D (block 0), per block ln1/ln2 (2D each), time mixing
     time_decay/time_first/time_mix_{k,v,r} (5D) + key/value/receptance/output [D, D],
-    channel mixing time_mix_{k,r} (2D) + key [F, D], receptance [D, D], value [D, F]; ln_out 2D; head.
+    channel mixing time_mix_{k,r} (2D) + key [F, D], receptance [D, D], value [D, F]; ln_out 2D; head
+    (always untied). Under TP the matrices and time_decay/time_first split, the rest is replicated.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ def _layer_params(m: ModelConfig, tp: int = 1) -> int:
     """Parameters of one block on one TP rank (split weights / tp, replicated ones whole)."""
     d, f = m.hidden_size, m.ffn_size
     if m.model_type == "rwkv":
-        # RWKV is not tensor-parallel in the planner's model: count the whole block.
-        return 2 * 2 * d + 5 * d + 4 * d * d + 2 * d + f * d + d * d + d * f
+        # TP splits channels: att key/value/receptance/output and time_decay/time_first, ffn key/receptance/
+        # value; the norms and the token-shift mixes (time_mix_*) are replicated.
+        split = 4 * d * d + 2 * d + f * d + d * d + d * f
+        replicated = 2 * 2 * d + 3 * d + 2 * d
+        return split // tp + replicated
     split = (3 * d * d + 3 * d) + d * d + (f * d + f) + d * f  # column/row-parallel weights and biases
     replicated = 2 * 2 * d + d + d  # two norms, dense bias, dense_4h_to_h bias
     return split // tp + replicated

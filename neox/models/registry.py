@@ -24,7 +24,8 @@ class ModelSpec:
         (options: neox.models.parallel.ParallelOptions; rng_tracker: megatron_ext RNGStatesTracker)
     partition_dim(param_name) -> TP split dim of a checkpoint tensor (None: replicated)
     hf_adapter: dotted module with hf_config_to_neox / neox_config_to_hf / hf_to_neox_state_dict /
-        neox_to_hf_state_dict, or None; hf_model_type: the transformers `model_type` it converts.
+        neox_to_hf_state_dict / load_hf_checkpoint(dir) -> (NeoXConfig, state dict), or None;
+        hf_model_type: the transformers `model_type` it converts.
     """
 
     name: str
@@ -54,6 +55,11 @@ def registered_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def spec_for_hf_model_type(hf_model_type: str) -> ModelSpec | None:
+    """The spec whose HF adapter converts transformers' `model_type` (None: no adapter)."""
+    return next((s for s in _REGISTRY.values() if s.hf_adapter and s.hf_model_type == hf_model_type), None)
+
+
 def build_model(model_cfg: ModelConfig, ps: ParallelState, **kwargs) -> nn.Module:
     """Build `model_cfg.model_type` for this rank (kwargs: pre_process, post_process, layer_range,
     init_seed, options, rng_tracker)."""
@@ -62,9 +68,13 @@ def build_model(model_cfg: ModelConfig, ps: ParallelState, **kwargs) -> nn.Modul
 
 def _register_builtin() -> None:
     from neox.models.gpt_neox import GPTNeoX, partition_dim
+    from neox.models.rwkv import RWKV
+    from neox.models.rwkv import partition_dim as rwkv_partition_dim
 
     register_model(ModelSpec(name="gpt_neox", build=GPTNeoX, partition_dim=partition_dim,
                              hf_adapter="neox.checkpoint.hf_gpt_neox", hf_model_type="gpt_neox"))
+    register_model(ModelSpec(name="rwkv", build=RWKV, partition_dim=rwkv_partition_dim,
+                             hf_adapter="neox.checkpoint.rwkv_convert", hf_model_type="rwkv"))
 
 
 _register_builtin()

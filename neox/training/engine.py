@@ -174,10 +174,13 @@ class Engine:
         def forward_step(chunk_index: int, mb: int, x):
             chunk = self.chunks[chunk_index]
             batch = batches[mb]
-            out = chunk(batch["tokens"] if chunk.pre_process else x)
+            inp = batch["tokens"] if chunk.pre_process else x
             if not chunk.post_process:
-                return out
-            loss = chunk.loss(out, batch["labels"], batch.get("loss_mask"))
+                return chunk(inp)
+            if hasattr(chunk, "forward_loss"):  # fused output layer + cross entropy: no full logits
+                loss = chunk.forward_loss(inp, batch["labels"], batch.get("loss_mask"))
+            else:
+                loss = chunk.loss(chunk(inp), batch["labels"], batch.get("loss_mask"))
             return loss.float() * (scale / m)  # fp32: a large fp16 loss scale must not overflow here
 
         def on_last_backward(chunk_index: int) -> None:

@@ -34,6 +34,7 @@ from megatron_ext.tensor_parallel import (
     copy_to_tensor_parallel_region,
     gather_from_sequence_parallel_region,
     vocab_parallel_cross_entropy,
+    vocab_parallel_linear_cross_entropy_sum,
 )
 from megatron_ext.topology import ParallelState
 from neox.config import ModelConfig
@@ -238,7 +239,8 @@ class GPTNeoX(nn.Module):
                                                         sequence_parallel=sp, sequence_dim=SEQ_DIM)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, kv_cache=None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, kv_cache=None, *,
+                labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T], or when not pre_process the previous stage's hidden states [B, T, D]
         ([B, T/tp, D], this rank's sequence shard, under sequence parallelism).
 
@@ -250,7 +252,12 @@ class GPTNeoX(nn.Module):
         kv_cache (decoding; neox.inference.KVCache or anything with `seq_len` and `layer(i) -> hook`):
         input_ids are the T new positions after the kv_cache.seq_len cached ones; attention_mask then
         covers cached + new keys [B, seq_len + T]; position_ids default seq_len..seq_len+T-1.
+
+        labels [B, T] (last stage only): return the scalar loss instead of logits, see `forward_loss`.
         """
+        if labels is not None and not self.post_process:
+            raise ValueError("GPTNeoX.forward got labels on a stage without the output layer "
+                             "(post_process=False); pass labels only to the last pipeline stage")
         tp = self.ps.tp_size if self.sequence_parallel else 1
         if self.pre_process:
             if input_ids.shape[1] % tp:
@@ -272,7 +279,36 @@ class GPTNeoX(nn.Module):
             x = self.run_layers(x, cos, sin, mask)
         if not self.post_process:
             return x
+        if labels is not None:
+            return self.fused_loss(self.final_norm(x), labels, loss_mask)
         return self.output_logits(self.final_norm(x))
+
+    def forward_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None,
+                     **kwargs) -> torch.Tensor:
+        """``loss(forward(input_ids), labels, loss_mask)`` without materialising the logits: the output
+        layer and cross entropy run in token chunks (megatron_ext vocab_parallel_linear_cross_entropy_sum).
+        Last stage only; input as for `forward` (token ids or the previous stage's hidden states); kwargs
+        (position_ids, attention_mask) go to `forward`. Goes through ``self(...)`` so module hooks
+        (FSDP's parameter gathering) run as for a plain forward. Returns the masked-mean loss, fp32
+        for fp16/bf16 models.
+        """
+        return self(input_ids, labels=labels, loss_mask=loss_mask, **kwargs)
+
+    def fused_loss(self, h: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
+        """Normed hidden states [B, T(/tp), D] -> masked-mean loss (same semantics as `loss`)."""
+        if self.sequence_parallel:  # backward reduce-scatters, which sums the vocab shards' partial grads
+            h = gather_from_sequence_parallel_region(h, self.ps, SEQ_DIM)  # [B, T, D]
+        if labels.shape != h.shape[:2]:
+            raise ValueError(f"labels must be [B, T] = {list(h.shape[:2])}, got {list(labels.shape)}")
+        weight = self.embed.weight if self.tied else self.lm_head.weight  # [Vpad/tp, D]
+        stat = torch.float64 if h.dtype == torch.float64 else torch.float32
+        valid = labels >= 0  # HF's -100 is ignored
+        w = valid.to(stat) if loss_mask is None else valid.to(stat) * loss_mask.to(stat)  # [B, T]
+        w = w / w.sum().clamp(min=torch.finfo(stat).tiny)
+        return vocab_parallel_linear_cross_entropy_sum(
+            h.reshape(-1, h.shape[-1]), weight, labels.clamp(min=0).reshape(-1), self.ps,
+            token_weight=w.reshape(-1), real_vocab_size=self.cfg.vocab_size,
+            reduce_grad_input=not self.sequence_parallel)
 
     def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    mask: torch.Tensor | None) -> torch.Tensor:
