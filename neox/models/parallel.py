@@ -110,3 +110,20 @@ def checkpoint_with_rng(fn: Callable[..., torch.Tensor], *args, rng_tracker: RNG
     default-generator and tracker RNG states are both replayed, so dropout recomputes identically."""
     return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True,
                       context_fn=lambda: _tracker_contexts(rng_tracker))
+
+
+def resolve_stage(cfg, ps, layer_range: tuple[int, int] | None,
+                  options: ParallelOptions | None) -> tuple[ParallelOptions, int, int, bool]:
+    """What every model family checks first: (options, start, stop, sequence_parallel actually on).
+
+    Sequence parallelism is a no-op at tp 1 and needs seq_length divisible by the TP size.
+    """
+    options = options or ParallelOptions()
+    start, stop = layer_range if layer_range is not None else (0, cfg.num_layers)
+    if not 0 <= start <= stop <= cfg.num_layers:
+        raise ValueError(f"layer_range {layer_range} is not within [0, num_layers={cfg.num_layers}]")
+    sp = options.sequence_parallel and ps.tp_size > 1
+    if sp and cfg.seq_length is not None and cfg.seq_length % ps.tp_size:
+        raise ValueError(f"sequence_parallel needs seq_length ({cfg.seq_length}) divisible by the "
+                         f"tensor-parallel size {ps.tp_size}; change seq_length or tp, or disable it")
+    return options, start, stop, sp

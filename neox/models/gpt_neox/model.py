@@ -40,7 +40,7 @@ from megatron_ext.topology import ParallelState
 from neox.config import ModelConfig
 from neox.models.gpt_neox.rotary import apply_rotary, rotary_cos_sin
 from neox.models.init_methods import InitMethod, derive_seed, get_init_method, seeded
-from neox.models.parallel import Dropout, ParallelOptions, checkpoint_with_rng, model_parallel_rng
+from neox.models.parallel import Dropout, ParallelOptions, checkpoint_with_rng, model_parallel_rng, resolve_stage
 from neox.ops import build_attention_mask, causal_attention
 
 EMBED_SLOT, HEAD_SLOT, FIRST_LAYER_SLOT = 0, 1, 2
@@ -197,14 +197,7 @@ class GPTNeoX(nn.Module):
                  rng_tracker: RNGStatesTracker | None = None):
         super().__init__()
         check_model_config(cfg, ps)
-        options = options or ParallelOptions()
-        start, stop = layer_range if layer_range is not None else (0, cfg.num_layers)
-        if not 0 <= start <= stop <= cfg.num_layers:
-            raise ValueError(f"layer_range {layer_range} is not within [0, num_layers={cfg.num_layers}]")
-        sp = options.sequence_parallel and ps.tp_size > 1
-        if sp and cfg.seq_length % ps.tp_size:
-            raise ValueError(f"sequence_parallel needs seq_length ({cfg.seq_length}) divisible by the "
-                             f"tensor-parallel size {ps.tp_size}; change seq_length or tp, or disable it")
+        options, start, stop, sp = resolve_stage(cfg, ps, layer_range, options)
         self.cfg, self.ps, self.options, self.rng_tracker = cfg, ps, options, rng_tracker
         self.sequence_parallel = sp
         self.pre_process, self.post_process = pre_process, post_process

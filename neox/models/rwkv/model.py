@@ -42,7 +42,7 @@ from megatron_ext.tensor_parallel import (
 from megatron_ext.topology import ParallelState
 from neox.config import ModelConfig
 from neox.models.init_methods import derive_seed, seeded
-from neox.models.parallel import Dropout, ParallelOptions, checkpoint_with_rng
+from neox.models.parallel import Dropout, ParallelOptions, checkpoint_with_rng, resolve_stage
 from neox.models.rwkv.init import (
     channel_mix_schedule,
     embedding_init,
@@ -229,14 +229,7 @@ class RWKV(nn.Module):
                  rng_tracker: RNGStatesTracker | None = None):
         super().__init__()
         check_model_config(cfg, ps)
-        options = options or ParallelOptions()
-        start, stop = layer_range if layer_range is not None else (0, cfg.num_layers)
-        if not 0 <= start <= stop <= cfg.num_layers:
-            raise ValueError(f"layer_range {layer_range} is not within [0, num_layers={cfg.num_layers}]")
-        sp = options.sequence_parallel and ps.tp_size > 1
-        if sp and cfg.seq_length is not None and cfg.seq_length % ps.tp_size:
-            raise ValueError(f"sequence_parallel needs seq_length ({cfg.seq_length}) divisible by the "
-                             f"tensor-parallel size {ps.tp_size}; change seq_length or tp, or disable it")
+        options, start, stop, sp = resolve_stage(cfg, ps, layer_range, options)
         self.cfg, self.ps, self.options, self.rng_tracker = cfg, ps, options, rng_tracker
         self.sequence_parallel = sp
         self.pre_process, self.post_process = pre_process, post_process
