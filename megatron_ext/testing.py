@@ -26,6 +26,13 @@ import torch.distributed as dist
 _GRACE_S = 0.5  # after a first failure, wait this long to collect other ranks' errors
 
 
+def _wait_for_parent_kill(limit_s: float = 600.0) -> None:
+    """Block until the parent kills this child (or is gone itself, so nothing lingers)."""
+    parent, deadline = os.getppid(), time.monotonic() + limit_s
+    while os.getppid() == parent and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def _child(fn: Callable, rank: int, world_size: int, store_path: str, backend: str, conn, args, kwargs):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world_size))
@@ -41,6 +48,10 @@ def _child(fn: Callable, rank: int, world_size: int, store_path: str, backend: s
         buf = io.BytesIO()
         torch.save(result, buf)
         conn.send(("ok", buf.getvalue()))
+        # Stay alive until the parent kills us: a rank that exits as soon as its own work is done closes
+        # its sockets under peers still inside a collective (or still connecting), failing them.
+        conn.close()
+        _wait_for_parent_kill()
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
         tb = traceback.format_exc()
         try:
@@ -51,7 +62,7 @@ def _child(fn: Callable, rank: int, world_size: int, store_path: str, backend: s
         # Stay alive (blocked) until the parent kills us: exiting now would close our sockets and make
         # the healthy ranks fail with secondary "connection closed" errors that hide the real one.
         conn.close()
-        time.sleep(_GRACE_S + 30)
+        _wait_for_parent_kill()
     finally:
         try:
             if dist.is_initialized():
