@@ -5,7 +5,9 @@ is bound by weight bandwidth plus per-op dispatch; the stepper cuts the dispatch
 contiguous copies of the weights in the layout each op wants (k/v/r weights stacked into one [3, D, D]
 batched matmul, the three token-shift mixes as one addcmul, -exp(time_decay) precomputed, ln0 folded into
 the embedding rows as BlinkDL does), updates the state in place, and runs under inference_mode. It does
-the same math as RWKV.forward_rnn (tests compare both with transformers).
+the same math as RWKV.forward_rnn (tests compare both with transformers). For float32 CPU models and
+batches up to CPP_MAX_BATCH the whole step is one C++ call (neox.ops.rwkv_step: no per-op dispatch, one
+OpenMP region per token); where that extension cannot build it warns once and the torch step runs.
 
 States: the model's format is five tensors [B, C, L] (neox.models.rwkv STATE_FIELDS, HF order); the
 stepper's is the same five as [L, B, C] (each layer's slice contiguous). `save_state` / `load_state`
@@ -27,8 +29,11 @@ from megatron_ext.tensor_parallel import gather_from_tensor_parallel_region
 from neox.inference.generate import FINISH_LENGTH, GenerationResult, _StopChecker
 from neox.inference.sampling import SamplingParams, sample_next
 from neox.models.rwkv.model import STATE_FIELDS
+from neox.ops.rwkv_step import make_stepper
 
 STATE_FORMAT = "neox-rwkv-state"
+# The C++ step reads every weight once per row, so it serves small batches; larger ones use batched matmuls.
+CPP_MAX_BATCH = 4
 
 
 def _rwkv(model: nn.Module) -> nn.Module:
@@ -72,6 +77,12 @@ class RWKVStepper:
             ))
         self.ln_out = (net.ln_out.weight.clone(), net.ln_out.bias.clone())
         self.head = net.lm_head.weight[: self.vocab_size]  # [V, D] (a view: no copy of the largest matrix)
+        self._cpp = None  # the one-call C++ step (float32 CPU); None: the torch step below
+        if self.dtype == torch.float32 and self.device.type == "cpu":
+            self._cpp = make_stepper(self.emb, [[
+                *ly["ln1"], *ly["ln2"], ly["att_mix"].squeeze(1), ly["kvr_t"][0].t(), ly["kvr_t"][1].t(),
+                ly["kvr_t"][2].t(), ly["w"], ly["u"], ly["out_t"].t(), ly["ffn_mix"].squeeze(1), ly["fk_t"].t(),
+                ly["fr_t"].t(), ly["fv_t"].t()] for ly in self.layers], self.ln_out, self.head, self.eps)
 
     def init_state(self, batch_size: int) -> list[torch.Tensor]:
         """The empty state in the stepper's format: five [L, B, D] tensors (pp = -1e38)."""
@@ -93,6 +104,9 @@ class RWKVStepper:
 
         The state is updated in place (and returned)."""
         ffn_x, att_x, aa, bb, pp = state
+        if (self._cpp is not None and ids.numel() <= CPP_MAX_BATCH
+                and all(s.dtype == torch.float32 and s.is_contiguous() for s in state)):
+            return self._cpp.step(ids, ffn_x, att_x, aa, bb, pp), state
         d, eps = self.d, self.eps
         x = self.emb[ids.reshape(-1)]  # [B, D]
         for i, ly in enumerate(self.layers):

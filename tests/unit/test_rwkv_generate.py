@@ -106,3 +106,40 @@ def test_errors(models, tmp_path):
     save_file({"x": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
     with pytest.raises(ValueError, match="not an RWKV state file"):
         load_state(tmp_path / "x.safetensors")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cpp_step_matches_forward_rnn(models, threads, batch, monkeypatch):
+    """The one-call C++ step (opt-in; when it builds) and the torch step both equal the model's
+    forward_rnn, state included, over several steps, single- and multi-threaded."""
+    monkeypatch.setenv("NEOX_RWKV_STEP_IMPL", "cpp")
+    from neox.inference.rnn import RWKVStepper
+    from neox.ops import rwkv_step
+    from neox.ops.build import ExtensionBuildError
+
+    _, lm = models
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fast, slow = RWKVStepper(lm), RWKVStepper(lm)
+        try:
+            rwkv_step.load()
+            built = rwkv_step._impl() != "torch"
+        except ExtensionBuildError:
+            built = False
+        assert (fast._cpp is not None) == built  # the C++ step is used wherever it builds (unless forced off)
+        slow._cpp = None
+        g = torch.Generator().manual_seed(batch)
+        mstate, states = None, [fast.init_state(batch), slow.init_state(batch)]
+        for _ in range(5):
+            ids = torch.randint(0, lm.cfg.vocab_size, (batch,), generator=g)
+            with torch.inference_mode():
+                ref, mstate = lm.model.forward_rnn(ids, mstate)
+            for st, s in zip((fast, slow), states):
+                logits, _ = st.step(ids, s)
+                torch.testing.assert_close(logits, ref[:, : lm.cfg.vocab_size], rtol=1e-4, atol=1e-4)
+                for ours, want in zip(st.to_model_state(s), mstate):
+                    torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(old)

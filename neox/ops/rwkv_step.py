@@ -1,0 +1,73 @@
+"""The RWKV-4 one-token step as one C++ call (float32, CPU): `make_stepper(...)` or None.
+
+RWKVStepper (neox/inference/rnn.py) uses it when it can: at batch 1 the Python step is mostly op
+dispatch and thread barriers, the C++ step is mostly weight bandwidth. The extension builds lazily on
+first use (`build.py`); when it cannot build, `make_stepper` warns once, saying why, and returns None so
+the caller keeps its pure-torch step.
+
+OPT-IN (`NEOX_RWKV_STEP_IMPL=cpp`): on a quiet 2-core machine it is ~1.24x BlinkDL's `rwkv` package at
+batch 1, but its threads meet at ~26 barriers per token, and when another process takes a core each wait
+can cost a scheduler slice (seen: 180 ms/token under load, against 7 ms for the torch step). Until the
+barriers are made contention-proof the pure-torch step stays the default (`NEOX_RWKV_STEP_IMPL=torch`
+or unset); with `cpp` a failed build raises.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from .build import CSRC, ExtensionBuildError, load_extension
+
+# The step uses torch's thread count (torch.set_num_threads), capped at this (NEOX_RWKV_STEP_THREADS).
+MAX_THREADS = int(os.environ.get("NEOX_RWKV_STEP_THREADS", 1 << 16))
+
+_failed: list[str] = []
+
+
+def _impl() -> str:
+    impl = os.environ.get("NEOX_RWKV_STEP_IMPL", "").strip().lower()
+    if impl not in ("", "torch", "cpp"):
+        raise ValueError(f"NEOX_RWKV_STEP_IMPL={impl!r} is not 'torch' or 'cpp'; unset it for the default (torch)")
+    return impl or "torch"
+
+
+def load():
+    """The built extension module; raises ExtensionBuildError."""
+    if _failed:
+        raise ExtensionBuildError(_failed[0])
+    cflags, ldflags = ["-O3", "-fno-trapping-math", "-fopenmp"], ["-fopenmp"]
+    try:
+        return load_extension("neox_rwkv_step", [CSRC / "rwkv_step" / "rwkv_step.cpp"], cflags=cflags,
+                              ldflags=ldflags)
+    except ExtensionBuildError as e:
+        _failed.append(str(e))
+        raise
+
+
+def make_stepper(emb: torch.Tensor, layers: list[list[torch.Tensor]], ln_out: tuple[torch.Tensor, torch.Tensor],
+                 head: torch.Tensor, eps: float):
+    """A C++ stepper with `.step(ids [B], ffn_x, att_x, aa, bb, pp) -> logits [B, V]` (state [L, B, D],
+    updated in place), or None when the pure-torch step should be used (forced, or no build; warns once).
+
+    Each layer is 15 float32 tensors: ln1 w, b, ln2 w, b, att_mix [3, D] (k, v, r), key, value,
+    receptance [D, D], w = -exp(time_decay), u = time_first [D], output [D, D], ffn_mix [2, D] (k, r),
+    ffn key [F, D], ffn receptance [D, D], ffn value [D, F]; matrices as nn.Linear stores them."""
+    impl = _impl()
+    if impl == "torch":
+        return None
+    try:
+        ext = load()
+    except ExtensionBuildError as e:
+        if impl == "cpp":
+            raise
+        if not getattr(make_stepper, "warned", False):
+            make_stepper.warned = True
+            warnings.warn(f"neox.ops.rwkv_step: the C++ step is unavailable, using the pure-torch step instead. "
+                          f"Reason: {e}", RuntimeWarning, stacklevel=2)
+        return None
+    c = [t.detach().float().contiguous() for t in (emb, *ln_out, head)]
+    lys = [[t.detach().float().contiguous() for t in ly] for ly in layers]
+    return ext.Stepper(c[0], lys, c[1], c[2], c[3], float(eps), MAX_THREADS)
