@@ -7,7 +7,8 @@ batched matmul, the three token-shift mixes as one addcmul, -exp(time_decay) pre
 the embedding rows as BlinkDL does), updates the state in place, and runs under inference_mode. It does
 the same math as RWKV.forward_rnn (tests compare both with transformers). For float32 CPU models and
 batches up to CPP_MAX_BATCH the whole step is one C++ call (neox.ops.rwkv_step: no per-op dispatch, one
-OpenMP region per token); where that extension cannot build it warns once and the torch step runs.
+thread pool that survives CPU contention, weights packed for streaming); where that extension cannot
+build it warns once and the torch step runs.
 
 States: the model's format is five tensors [B, C, L] (neox.models.rwkv STATE_FIELDS, HF order); the
 stepper's is the same five as [L, B, C] (each layer's slice contiguous). `save_state` / `load_state`
@@ -62,27 +63,42 @@ class RWKVStepper:
         layers = list(net.layers.values())
         self.n, self.d = len(layers), net.cfg.hidden_size
         b0 = layers[0]
+        self._blocks = layers
         self.emb = F.layer_norm(net.embed.weight, (self.d,), b0.ln0.weight, b0.ln0.bias, self.eps)  # [Vpad, D]
-        self.layers = []
-        for blk in layers:
-            a, f = blk.att, blk.ffn
-            self.layers.append(dict(
-                ln1=(blk.ln1.weight.clone(), blk.ln1.bias.clone()), ln2=(blk.ln2.weight.clone(), blk.ln2.bias.clone()),
-                att_mix=torch.stack([a.time_mix_k, a.time_mix_v, a.time_mix_r]).unsqueeze(1).clone(),  # [3, 1, D]
-                kvr_t=torch.stack([a.key.weight.t(), a.value.weight.t(), a.receptance.weight.t()]).contiguous(),
-                w=-torch.exp(a.time_decay.float()), u=a.time_first.float().clone(),  # [D]
-                out_t=a.output.weight.t(),  # [D, D] view: addmm reads it transposed without a copy
-                ffn_mix=torch.stack([f.time_mix_k, f.time_mix_r]).unsqueeze(1).clone(),  # [2, 1, D]
-                fk_t=f.key.weight.t(), fr_t=f.receptance.weight.t(), fv_t=f.value.weight.t(),
-            ))
         self.ln_out = (net.ln_out.weight.clone(), net.ln_out.bias.clone())
         self.head = net.lm_head.weight[: self.vocab_size]  # [V, D] (a view: no copy of the largest matrix)
+        self._layers = None  # the torch step's weights, made on first use (the C++ step keeps its own copy)
         self._cpp = None  # the one-call C++ step (float32 CPU); None: the torch step below
         if self.dtype == torch.float32 and self.device.type == "cpu":
             self._cpp = make_stepper(self.emb, [[
-                *ly["ln1"], *ly["ln2"], ly["att_mix"].squeeze(1), ly["kvr_t"][0].t(), ly["kvr_t"][1].t(),
-                ly["kvr_t"][2].t(), ly["w"], ly["u"], ly["out_t"].t(), ly["ffn_mix"].squeeze(1), ly["fk_t"].t(),
-                ly["fr_t"].t(), ly["fv_t"].t()] for ly in self.layers], self.ln_out, self.head, self.eps)
+                blk.ln1.weight, blk.ln1.bias, blk.ln2.weight, blk.ln2.bias,
+                torch.stack([blk.att.time_mix_k, blk.att.time_mix_v, blk.att.time_mix_r]).reshape(3, -1),
+                blk.att.key.weight, blk.att.value.weight, blk.att.receptance.weight,
+                -torch.exp(blk.att.time_decay.float()), blk.att.time_first, blk.att.output.weight,
+                torch.stack([blk.ffn.time_mix_k, blk.ffn.time_mix_r]).reshape(2, -1),
+                blk.ffn.key.weight, blk.ffn.receptance.weight, blk.ffn.value.weight] for blk in layers],
+                self.ln_out, self.head, self.eps)
+
+    @property
+    def layers(self) -> list[dict]:
+        """The torch step's per-layer weights, in the layout each of its ops wants (copies, made once)."""
+        if self._layers is None:
+            with torch.no_grad():
+                self._layers = [self._torch_layer(blk) for blk in self._blocks]
+        return self._layers
+
+    @staticmethod
+    def _torch_layer(blk: nn.Module) -> dict:
+        a, f = blk.att, blk.ffn
+        return dict(
+            ln1=(blk.ln1.weight.clone(), blk.ln1.bias.clone()), ln2=(blk.ln2.weight.clone(), blk.ln2.bias.clone()),
+            att_mix=torch.stack([a.time_mix_k, a.time_mix_v, a.time_mix_r]).reshape(3, 1, -1).clone(),  # [3, 1, D]
+            kvr_t=torch.stack([a.key.weight.t(), a.value.weight.t(), a.receptance.weight.t()]).contiguous(),
+            w=-torch.exp(a.time_decay.float()), u=a.time_first.float().clone(),  # [D]
+            out_t=a.output.weight.t(),  # [D, D] view: addmm reads it transposed without a copy
+            ffn_mix=torch.stack([f.time_mix_k, f.time_mix_r]).reshape(2, 1, -1).clone(),  # [2, 1, D]
+            fk_t=f.key.weight.t(), fr_t=f.receptance.weight.t(), fv_t=f.value.weight.t(),
+        )
 
     def init_state(self, batch_size: int) -> list[torch.Tensor]:
         """The empty state in the stepper's format: five [L, B, D] tensors (pp = -1e38)."""

@@ -1,15 +1,16 @@
 """The RWKV-4 one-token step as one C++ call (float32, CPU): `make_stepper(...)` or None.
 
-RWKVStepper (neox/inference/rnn.py) uses it when it can: at batch 1 the Python step is mostly op
-dispatch and thread barriers, the C++ step is mostly weight bandwidth. The extension builds lazily on
-first use (`build.py`); when it cannot build, `make_stepper` warns once, saying why, and returns None so
-the caller keeps its pure-torch step.
+RWKVStepper (neox/inference/rnn.py) uses it by default: at batch 1 the Python step is mostly op
+dispatch and thread fork/joins, the C++ step is mostly weight bandwidth. It packs the weights into a
+huge-page arena laid out for streaming gemvs (csrc/rwkv_step/packed_gemv.h) and runs every gemv on a
+small thread pool whose caller never waits for a descheduled worker (step_pool.h), so CPU contention
+costs at most the lost core, not a scheduler slice per barrier. The packed copy costs one more copy of
+the weights in memory (the embedding excepted).
 
-OPT-IN (`NEOX_RWKV_STEP_IMPL=cpp`): on a quiet 2-core machine it is ~1.24x BlinkDL's `rwkv` package at
-batch 1, but its threads meet at ~26 barriers per token, and when another process takes a core each wait
-can cost a scheduler slice (seen: 180 ms/token under load, against 7 ms for the torch step). Until the
-barriers are made contention-proof the pure-torch step stays the default (`NEOX_RWKV_STEP_IMPL=torch`
-or unset); with `cpp` a failed build raises.
+`NEOX_RWKV_STEP_IMPL`: unset / `auto` (the C++ step; if it cannot build, warn once and use the torch
+step), `cpp` (a failed build raises), `torch` (always the torch step). `NEOX_RWKV_STEP_THREADS` caps the
+pool (default: torch.get_num_threads()); `NEOX_RWKV_STEP_ISA` (avx512, avx2, generic) forces a gemv
+kernel (default: the best this CPU runs).
 """
 
 from __future__ import annotations
@@ -29,16 +30,17 @@ _failed: list[str] = []
 
 def _impl() -> str:
     impl = os.environ.get("NEOX_RWKV_STEP_IMPL", "").strip().lower()
-    if impl not in ("", "torch", "cpp"):
-        raise ValueError(f"NEOX_RWKV_STEP_IMPL={impl!r} is not 'torch' or 'cpp'; unset it for the default (torch)")
-    return impl or "torch"
+    if impl not in ("", "auto", "torch", "cpp"):
+        raise ValueError(f"NEOX_RWKV_STEP_IMPL={impl!r} is not 'auto', 'cpp' or 'torch'; unset it for the default "
+                         "(auto: the C++ step where it builds)")
+    return impl or "auto"
 
 
 def load():
     """The built extension module; raises ExtensionBuildError."""
     if _failed:
         raise ExtensionBuildError(_failed[0])
-    cflags, ldflags = ["-O3", "-fno-trapping-math", "-fopenmp"], ["-fopenmp"]
+    cflags, ldflags = ["-O3", "-fno-trapping-math", "-pthread"], ["-pthread"]
     try:
         return load_extension("neox_rwkv_step", [CSRC / "rwkv_step" / "rwkv_step.cpp"], cflags=cflags,
                               ldflags=ldflags)
@@ -70,4 +72,6 @@ def make_stepper(emb: torch.Tensor, layers: list[list[torch.Tensor]], ln_out: tu
         return None
     c = [t.detach().float().contiguous() for t in (emb, *ln_out, head)]
     lys = [[t.detach().float().contiguous() for t in ly] for ly in layers]
-    return ext.Stepper(c[0], lys, c[1], c[2], c[3], float(eps), MAX_THREADS)
+    threads = max(1, min(torch.get_num_threads(), MAX_THREADS))
+    isa = os.environ.get("NEOX_RWKV_STEP_ISA", "").strip().lower()
+    return ext.Stepper(c[0], lys, c[1], c[2], c[3], float(eps), threads, isa)

@@ -111,7 +111,7 @@ def test_errors(models, tmp_path):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_cpp_step_matches_forward_rnn(models, threads, batch, monkeypatch):
-    """The one-call C++ step (opt-in; when it builds) and the torch step both equal the model's
+    """The one-call C++ step (the default, when it builds) and the torch step both equal the model's
     forward_rnn, state included, over several steps, single- and multi-threaded."""
     monkeypatch.setenv("NEOX_RWKV_STEP_IMPL", "cpp")
     from neox.inference.rnn import RWKVStepper

@@ -4,8 +4,9 @@ and the per-token time as the context grows (RWKV stays flat; a GPT-NeoX with a 
     python tools/bench/rwkv_generate.py                       # 72M RWKV-4: hidden 512, 6 layers, vocab 50277
     python tools/bench/rwkv_generate.py --hidden 256 --layers 2 --tokens 16 --contexts 32,64 --json out.json
 
-Every model gets the same (random) weights. Each step is timed alone (greedy pick included) and the
-median over --tokens steps after --warmup is reported. Peers: transformers' RwkvForCausalLM one token
+Every model gets the same (random) weights. Each step is timed alone (greedy pick included); the sides
+take turns of --block steps (after --warmup untimed ones) until each has --tokens, and the median is
+reported, so load from other processes falls on every side alike. Peers: transformers' RwkvForCausalLM one token
 at a time carrying its state (what its generate does), and `rwkv.model.RWKV(path, "cpu fp32")`
 (RWKV_JIT_ON as set in the environment, default on). neox: the fused RWKVStepper and, for reference,
 the model's own forward_rnn. Context growth: the state (or KV cache) after a random prompt of each
@@ -46,6 +47,25 @@ def timed_steps(step, first_token: int, n: int, warmup: int) -> float:
     return statistics.median(times)
 
 
+def interleaved(steps: dict, n: int, warmup: int, block: int) -> dict:
+    """Median seconds per step of each `step(token) -> next token`, timed in turns of `block` steps
+    (round robin until each has n timed steps), so a noisy neighbour slows every side alike. Each turn's
+    first `warmup` steps are untimed: they pull that side's weights back into the caches."""
+    toks = {name: 1 for name in steps}
+    times: dict = {name: [] for name in steps}
+    while any(len(t) < n for t in times.values()):
+        for name, step in steps.items():
+            for i in range(warmup + block):
+                t = time.perf_counter()
+                toks[name] = step(toks[name])
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(t[:n]) for name, t in times.items()}
+
+
+PEER = "rwkv package (cpu fp32)"
+
+
 def rwkv_config(args) -> NeoXConfig:
     return NeoXConfig.from_dict({"model_type": "rwkv", "num_layers": args.layers, "hidden_size": args.hidden,
                                  "vocab_size": args.vocab, "no_weight_tying": True, "seq_length": 1024,
@@ -62,7 +82,8 @@ def random_rwkv(cfg: NeoXConfig) -> CausalLM:
     return lm
 
 
-def bench_neox(lm, args) -> dict:
+def neox_steps(lm, args) -> dict:
+    """neox's step functions: the fused RWKVStepper (the default path) and the model's forward_rnn."""
     stepper = RWKVStepper(lm)
     state = stepper.init_state(1)
 
@@ -71,7 +92,6 @@ def bench_neox(lm, args) -> dict:
         logits, state = stepper.step(torch.tensor([tok]), state)
         return int(logits.argmax())
 
-    out = {"neox fused RNN": timed_steps(fused, 1, args.tokens, args.warmup)}
     mstate = None
 
     def plain(tok):
@@ -80,11 +100,12 @@ def bench_neox(lm, args) -> dict:
             logits, mstate = lm.model.forward_rnn(torch.tensor([tok]), mstate)
         return int(logits[0, : args.vocab].argmax())
 
-    out["neox forward_rnn (unfused)"] = timed_steps(plain, 1, args.tokens, args.warmup)
-    return out
+    kind = "C++ step" if stepper._cpp is not None else "torch step"
+    return {f"neox RWKVStepper ({kind})": fused, "neox forward_rnn (unfused)": plain}
 
 
-def bench_hf(lm, cfg, args) -> float | None:
+def hf_step(lm, cfg):
+    """transformers' RwkvForCausalLM one token at a time carrying its state, or None if not installed."""
     try:
         from transformers import RwkvForCausalLM
     except ImportError:
@@ -100,10 +121,11 @@ def bench_hf(lm, cfg, args) -> float | None:
         state = r.state
         return int(r.logits[0, -1].argmax())
 
-    return timed_steps(step, 1, args.tokens, args.warmup)
+    return step
 
 
-def bench_rwkv_package(lm, cfg, args) -> float | None:
+def rwkv_package_step(lm, cfg):
+    """BlinkDL's rwkv package, strategy "cpu fp32", or None if not installed."""
     os.environ.setdefault("RWKV_CUDA_ON", "0")
     try:
         from rwkv.model import RWKV
@@ -120,7 +142,32 @@ def bench_rwkv_package(lm, cfg, args) -> float | None:
         logits, state = model.forward([tok], state)
         return int(logits.argmax())
 
-    return timed_steps(step, 1, args.tokens, args.warmup)
+    return step
+
+
+def under_contention(steps: dict, args) -> dict:
+    """The same interleaved medians while --contention busy processes compete for the cores."""
+    import subprocess
+
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.contention)]
+    try:
+        time.sleep(0.5)
+        return interleaved(steps, args.tokens, args.warmup, args.block)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+
+
+def print_table(results: dict) -> None:
+    peer = results.get(PEER)
+    print(f"\n{'implementation':32s} {'ms/token':>9s} {'tokens/s':>9s} {'vs rwkv pkg':>11s}")
+    for name, sec in results.items():
+        if sec is None:
+            print(f"{name:32s} {'(not installed)':>20s}")
+            continue
+        rel = f"{peer / sec:.2f}x" if peer else "-"
+        print(f"{name:32s} {sec * 1e3:9.2f} {1 / sec:9.1f} {rel:>11s}")
 
 
 def context_growth(lm, args) -> dict:
@@ -171,10 +218,13 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--vocab", type=int, default=50277)
     ap.add_argument("--tokens", type=int, default=64, help="timed steps per measurement (median)")
-    ap.add_argument("--warmup", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=4, help="untimed steps at the start of each turn")
+    ap.add_argument("--block", type=int, default=16, help="timed steps per turn (the sides take turns)")
     ap.add_argument("--contexts", default="128,512,2048", help="context lengths for the growth table")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     ap.add_argument("--skip-peers", action="store_true", help="only neox (no transformers / rwkv package)")
+    ap.add_argument("--contention", type=int, default=0,
+                    help="also time neox and the rwkv package with this many busy processes running")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
     args.contexts = [int(c) for c in args.contexts.split(",") if c]
@@ -186,18 +236,24 @@ def main(argv=None) -> int:
     n = sum(p.numel() for p in lm.parameters())
     print(f"RWKV-4: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}: {n / 1e6:.1f}M parameters; "
           f"float32, batch 1, {torch.get_num_threads()} threads; median of {args.tokens} steps")
-    results = bench_neox(lm, args)
+    steps = neox_steps(lm, args)
+    missing = []
     if not args.skip_peers:
-        results["transformers RwkvForCausalLM"] = bench_hf(lm, cfg, args)
-        results["rwkv package (cpu fp32)"] = bench_rwkv_package(lm, cfg, args)
-    peer = results.get("rwkv package (cpu fp32)")
-    print(f"\n{'implementation':32s} {'ms/token':>9s} {'tokens/s':>9s} {'vs rwkv pkg':>11s}")
-    for name, sec in results.items():
-        if sec is None:
-            print(f"{name:32s} {'(not installed)':>20s}")
-            continue
-        rel = f"{peer / sec:.2f}x" if peer else "-"
-        print(f"{name:32s} {sec * 1e3:9.2f} {1 / sec:9.1f} {rel:>11s}")
+        for name, make in (("transformers RwkvForCausalLM", hf_step), (PEER, rwkv_package_step)):
+            fn = make(lm, cfg)
+            if fn is None:
+                missing.append(name)
+            else:
+                steps[name] = fn
+    results = interleaved(steps, args.tokens, args.warmup, args.block)
+    results.update({name: None for name in missing})
+    print_table(results)
+    contended = None
+    if args.contention:
+        names = [n for n in steps if n.startswith("neox RWKVStepper") or n == PEER]
+        contended = under_contention({n: steps[n] for n in names}, args)
+        print(f"\nwith {args.contention} busy process(es) competing for the {os.cpu_count()} cores:")
+        print_table(contended)
     growth = context_growth(lm, args)
     params = growth.pop("_params")
     print(f"\nper-token ms as the context grows (GPT-NeoX: {params['gpt_neox'] / 1e6:.1f}M parameters)")
@@ -207,6 +263,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"config": vars(args), "threads": torch.get_num_threads(),
                                                "seconds_per_token": results, "context_growth": growth,
+                                               "seconds_per_token_contended": contended,
                                                "params": params}, indent=2))
     return 0
 
