@@ -6,11 +6,20 @@
 // element, FMAs it with the broadcast input, and its 16 accumulators are the 16 outputs. Huge pages
 // (Arena) spare the TLB over hundreds of MB. AVX-512 and AVX2 kernels are chosen at run time; a plain
 // loop serves other CPUs.
+//
+// Exact bf16 storage: a float32 matrix whose every value has a zero low half (a model trained or released
+// in bf16 and loaded as float32, as BlinkDL's RWKV-4 checkpoints are) is stored as those upper halves,
+// half the bytes, and widened back in registers. The widening is exact and every kernel keeps the float32
+// kernel's FMA order, so the outputs are bit-identical; one non-bf16 value keeps the matrix in float32.
+// A bf16 tile interleaves input pairs (i, i+1) so that one unpack with zeros widens a whole register:
+// within each 16-byte lane L (0..3) of a pair's 64 bytes, halves j = 0..3 are row 4L+j at input i and
+// halves 4 + j the same rows at input i+1 (bf16_index). Columns are padded to an even count.
 #pragma once
 
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -29,10 +38,10 @@ constexpr int64_t kMaxBatch = 4;  // rows of input handled per pass over the wei
 // One 2 MiB-aligned allocation, advised to use transparent huge pages where the OS allows it.
 class Arena {
  public:
-  explicit Arena(int64_t floats) {
+  explicit Arena(int64_t bytes) {
     constexpr size_t kAlign = size_t(2) << 20;
-    bytes_ = (static_cast<size_t>(std::max<int64_t>(floats, 1)) * sizeof(float) + kAlign - 1) / kAlign * kAlign;
-    data_ = static_cast<float*>(std::aligned_alloc(kAlign, bytes_));
+    bytes_ = (static_cast<size_t>(std::max<int64_t>(bytes, 1)) + kAlign - 1) / kAlign * kAlign;
+    data_ = static_cast<char*>(std::aligned_alloc(kAlign, bytes_));
     if (!data_) throw std::bad_alloc();
 #ifdef MADV_HUGEPAGE
     madvise(data_, bytes_, MADV_HUGEPAGE);  // advice only: failure just means 4 KiB pages
@@ -42,117 +51,101 @@ class Arena {
   ~Arena() { std::free(data_); }
   Arena(const Arena&) = delete;
   Arena& operator=(const Arena&) = delete;
-  float* data() const { return data_; }
+  char* data() const { return data_; }
 
  private:
-  float* data_ = nullptr;
+  char* data_ = nullptr;
   size_t bytes_ = 0;
 };
 
-// A matrix packed as tiles; `data` points into an Arena.
+// A matrix packed as tiles; `data` points into an Arena. bf16: the values are stored as their upper halves.
 struct Packed {
-  float* data = nullptr;
+  void* data = nullptr;
   int64_t rows = 0, cols = 0;
+  bool bf16 = false;
   int64_t tiles() const { return (rows + kTile - 1) / kTile; }
-  static int64_t floats(int64_t rows, int64_t cols) { return (rows + kTile - 1) / kTile * kTile * cols; }
+  // Arena bytes for such a matrix (a multiple of 64, so the next one stays aligned).
+  static int64_t bytes(int64_t rows, int64_t cols, bool bf16) {
+    const int64_t t = (rows + kTile - 1) / kTile;
+    const int64_t b = bf16 ? t * kTile * ((cols + 1) / 2 * 2) * 2 : t * kTile * cols * 4;
+    return (b + 63) / 64 * 64;
+  }
 };
 
-// w: [rows, cols] row-major with row stride ld -> p.data (which must hold Packed::floats(rows, cols)).
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+inline float widen(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Offset, within a bf16 tile, of row r (0..15) at input i (see the layout above).
+inline int64_t bf16_index(int64_t r, int64_t i) { return (i / 2) * 32 + (r / 4) * 8 + (i % 2) * 4 + r % 4; }
+
+// Whether every value of w ([rows, cols], row stride ld) is a bf16 value, i.e. has a zero low half.
+inline bool bf16_exact(const float* w, int64_t ld, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < cols; ++i)
+      if (float_bits(w[r * ld + i]) & 0xffffu) return false;
+  return true;
+}
+
+// w: [rows, cols] row-major with row stride ld -> p.data (zeroed, holding Packed::bytes(rows, cols, p.bf16)).
 inline void pack(const float* w, int64_t ld, Packed& p) {
+  const int64_t I = p.cols, tile_halves = kTile * ((I + 1) / 2 * 2);
   for (int64_t t = 0; t < p.tiles(); ++t)
     for (int64_t r = 0; r < kTile && t * kTile + r < p.rows; ++r) {
       const float* src = w + (t * kTile + r) * ld;
-      float* dst = p.data + t * kTile * p.cols + r;
-      for (int64_t i = 0; i < p.cols; ++i) dst[i * kTile] = src[i];
+      if (p.bf16) {
+        uint16_t* dst = static_cast<uint16_t*>(p.data) + t * tile_halves;
+        for (int64_t i = 0; i < I; ++i) dst[bf16_index(r, i)] = static_cast<uint16_t>(float_bits(src[i]) >> 16);
+      } else {
+        float* dst = static_cast<float*>(p.data) + t * kTile * I + r;
+        for (int64_t i = 0; i < I; ++i) dst[i * kTile] = src[i];
+      }
     }
 }
 
 // y[b][o] = sum_i W[o, i] x[b][i] for tiles [t0, t1); x rows have stride ldx, y rows stride ldy; only rows
-// o < p.rows are written. B is the batch (1..kMaxBatch).
-template <int B>
+// o < p.rows are written. B is the batch (1..kMaxBatch). Plain C++: the reference order for every kernel
+// is i ascending into one accumulator per output (the SIMD kernels split i into chains, see theirs).
+template <int B, bool BF16>
 void gemv_generic(const Packed& p, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t t0, int64_t t1) {
-  const int64_t I = p.cols;
+  const int64_t I = p.cols, tile = BF16 ? kTile * ((I + 1) / 2 * 2) : kTile * I;
   for (int64_t t = t0; t < t1; ++t) {
-    const float* w = p.data + t * kTile * I;
     float acc[B][kTile] = {};
-    for (int64_t i = 0; i < I; ++i)
+    float w[kTile];
+    for (int64_t i = 0; i < I; ++i) {
+      for (int64_t l = 0; l < kTile; ++l)
+        w[l] = BF16 ? widen(static_cast<const uint16_t*>(p.data)[t * tile + bf16_index(l, i)])
+                    : static_cast<const float*>(p.data)[t * tile + i * kTile + l];
       for (int b = 0; b < B; ++b) {
         const float xi = x[b * ldx + i];
-        for (int64_t l = 0; l < kTile; ++l) acc[b][l] += w[i * kTile + l] * xi;
+        for (int64_t l = 0; l < kTile; ++l) acc[b][l] += w[l] * xi;
       }
+    }
     const int64_t n = std::min(kTile, p.rows - t * kTile);
     for (int b = 0; b < B; ++b) std::copy(acc[b], acc[b] + n, y + b * ldy + t * kTile);
   }
 }
 
-#ifdef NEOX_X86
-template <int B>
-__attribute__((target("avx512f"))) void gemv_avx512(const Packed& p, const float* x, int64_t ldx, float* y,
-                                                   int64_t ldy, int64_t t0, int64_t t1) {
-  const int64_t I = p.cols, I4 = I & ~int64_t(3);
-  for (int64_t t = t0; t < t1; ++t) {
-    const float* w = p.data + t * kTile * I;
-    __m512 acc[B][4];  // four chains per row hide the FMA latency
-    for (int b = 0; b < B; ++b)
-      for (int c = 0; c < 4; ++c) acc[b][c] = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i < I4; i += 4) {
-      const __m512 w0 = _mm512_load_ps(w + i * kTile), w1 = _mm512_load_ps(w + (i + 1) * kTile);
-      const __m512 w2 = _mm512_load_ps(w + (i + 2) * kTile), w3 = _mm512_load_ps(w + (i + 3) * kTile);
-      for (int b = 0; b < B; ++b) {
-        const float* xb = x + b * ldx + i;
-        acc[b][0] = _mm512_fmadd_ps(w0, _mm512_set1_ps(xb[0]), acc[b][0]);
-        acc[b][1] = _mm512_fmadd_ps(w1, _mm512_set1_ps(xb[1]), acc[b][1]);
-        acc[b][2] = _mm512_fmadd_ps(w2, _mm512_set1_ps(xb[2]), acc[b][2]);
-        acc[b][3] = _mm512_fmadd_ps(w3, _mm512_set1_ps(xb[3]), acc[b][3]);
-      }
-    }
-    for (; i < I; ++i)
-      for (int b = 0; b < B; ++b)
-        acc[b][0] = _mm512_fmadd_ps(_mm512_load_ps(w + i * kTile), _mm512_set1_ps(x[b * ldx + i]), acc[b][0]);
-    const int64_t n = std::min(kTile, p.rows - t * kTile);
-    const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
-    for (int b = 0; b < B; ++b) {
-      const __m512 s = _mm512_add_ps(_mm512_add_ps(acc[b][0], acc[b][1]), _mm512_add_ps(acc[b][2], acc[b][3]));
-      _mm512_mask_storeu_ps(y + b * ldy + t * kTile, mask, s);
-    }
-  }
-}
+}  // namespace neox_step
 
-template <int B>
-__attribute__((target("avx2,fma"))) void gemv_avx2(const Packed& p, const float* x, int64_t ldx, float* y,
-                                                  int64_t ldy, int64_t t0, int64_t t1) {
-  const int64_t I = p.cols;
-  for (int64_t t = t0; t < t1; ++t) {
-    const float* w = p.data + t * kTile * I;
-    __m256 acc[B][2][2];  // [row][chain][half of the tile]
-    for (int b = 0; b < B; ++b)
-      for (int c = 0; c < 2; ++c) acc[b][c][0] = acc[b][c][1] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < I; ++i) {
-      const int c = static_cast<int>(i & 1);
-      const __m256 lo = _mm256_load_ps(w + i * kTile), hi = _mm256_load_ps(w + i * kTile + 8);
-      for (int b = 0; b < B; ++b) {
-        const __m256 xi = _mm256_set1_ps(x[b * ldx + i]);
-        acc[b][c][0] = _mm256_fmadd_ps(lo, xi, acc[b][c][0]);
-        acc[b][c][1] = _mm256_fmadd_ps(hi, xi, acc[b][c][1]);
-      }
-    }
-    const int64_t n = std::min(kTile, p.rows - t * kTile);
-    for (int b = 0; b < B; ++b) {
-      alignas(32) float out[kTile];
-      _mm256_store_ps(out, _mm256_add_ps(acc[b][0][0], acc[b][1][0]));
-      _mm256_store_ps(out + 8, _mm256_add_ps(acc[b][0][1], acc[b][1][1]));
-      std::copy(out, out + n, y + b * ldy + t * kTile);
-    }
-  }
-}
-#endif
+#include "gemv_x86.h"
+
+namespace neox_step {
 
 enum class Isa { kGeneric, kAvx2, kAvx512 };
 
 inline bool isa_supported(Isa isa) {
 #ifdef NEOX_X86
-  if (isa == Isa::kAvx512) return __builtin_cpu_supports("avx512f");
+  if (isa == Isa::kAvx512) return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
   if (isa == Isa::kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
   return isa == Isa::kGeneric;
@@ -168,14 +161,21 @@ inline const char* isa_name(Isa isa) {
   return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "generic";
 }
 
+template <int B, bool BF16>
+void gemv_tiles_bw(Isa isa, const Packed& p, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t t0,
+                   int64_t t1) {
+#ifdef NEOX_X86
+  if (isa == Isa::kAvx512) return gemv_avx512<B, BF16>(p, x, ldx, y, ldy, t0, t1);
+  if (isa == Isa::kAvx2) return gemv_avx2<B, BF16>(p, x, ldx, y, ldy, t0, t1);
+#endif
+  gemv_generic<B, BF16>(p, x, ldx, y, ldy, t0, t1);
+}
+
 template <int B>
 void gemv_tiles_b(Isa isa, const Packed& p, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t t0,
                   int64_t t1) {
-#ifdef NEOX_X86
-  if (isa == Isa::kAvx512) return gemv_avx512<B>(p, x, ldx, y, ldy, t0, t1);
-  if (isa == Isa::kAvx2) return gemv_avx2<B>(p, x, ldx, y, ldy, t0, t1);
-#endif
-  gemv_generic<B>(p, x, ldx, y, ldy, t0, t1);
+  if (p.bf16) return gemv_tiles_bw<B, true>(isa, p, x, ldx, y, ldy, t0, t1);
+  gemv_tiles_bw<B, false>(isa, p, x, ldx, y, ldy, t0, t1);
 }
 
 // Tiles [t0, t1) of y = W x for `batch` (1..kMaxBatch) input rows.

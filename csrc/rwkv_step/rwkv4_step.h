@@ -32,19 +32,36 @@ struct LayerWeights {
 
 class Rwkv4Step {
  public:
-  // emb: [rows, D] with ln0 applied (kept by the caller); head: [V, D]. Weights are copied (packed).
+  // emb: [rows, D] with ln0 applied (kept by the caller); head: [V, D]. Weights are copied (packed);
+  // exact_bf16: store each matrix whose values are all bf16 as bf16 (bit-identical results, half the bytes).
   Rwkv4Step(const float* emb, int64_t emb_rows, int64_t D, int64_t F, const std::vector<LayerWeights>& layers,
-            const float* ln_w, const float* ln_b, const float* head, int64_t V, float eps, int threads, Isa isa)
+            const float* ln_w, const float* ln_b, const float* head, int64_t V, float eps, int threads, Isa isa,
+            bool exact_bf16)
       : emb_(emb), emb_rows_(emb_rows), D_(D), F_(F), L_(static_cast<int64_t>(layers.size())), V_(V), eps_(eps),
         isa_(isa), pool_(threads) {
-    const int64_t per_layer = 4 * Packed::floats(D, D) + Packed::floats(F, D) + Packed::floats(D, D) +
-                              Packed::floats(D, F);
-    arena_ = std::make_unique<Arena>(L_ * per_layer + Packed::floats(V, D));
-    float* next = arena_->data();
+    // Sizes first (each matrix is bf16 where that is exact and allowed), then one arena for all of them.
+    auto is_bf16 = [&](const float* w, int64_t rows, int64_t cols) {
+      return exact_bf16 && bf16_exact(w, cols, rows, cols);
+    };
+    int64_t total = 0;
+    auto size = [&](const float* w, int64_t rows, int64_t cols) {
+      total += Packed::bytes(rows, cols, is_bf16(w, rows, cols));
+    };
+    for (const LayerWeights& lw : layers) {
+      for (const float* w : {lw.wk, lw.wv, lw.wr, lw.wo, lw.fr}) size(w, D, D);
+      size(lw.fk, F, D);
+      size(lw.fv, D, F);
+    }
+    size(head, V, D);
+    arena_ = std::make_unique<Arena>(total);
+    char* next = arena_->data();
     auto place = [&](const float* w, int64_t rows, int64_t cols) {
-      Packed p{next, rows, cols};
+      Packed p{next, rows, cols, is_bf16(w, rows, cols)};
       pack(w, cols, p);
-      next += Packed::floats(rows, cols);
+      const int64_t n = Packed::bytes(rows, cols, p.bf16);
+      next += n;
+      packed_bytes_ += n;
+      if (p.bf16) bf16_bytes_ += n;
       return p;
     };
     for (const LayerWeights& lw : layers) {
@@ -72,6 +89,8 @@ class Rwkv4Step {
 
   int threads() const { return pool_.threads(); }
   Isa isa() const { return isa_; }
+  int64_t packed_bytes() const { return packed_bytes_; }  // the weights one token reads (embedding row aside)
+  int64_t bf16_bytes() const { return bf16_bytes_; }  // of which stored as exact bf16
 
   // ids [B] (checked by the caller to be < emb_rows); state: five [L, B, D] arrays (ffn_x, att_x, aa, bb,
   // pp), updated in place; logits: [B, V].
@@ -229,6 +248,7 @@ class Rwkv4Step {
   int64_t emb_rows_, D_, F_, L_, V_;
   float eps_;
   Isa isa_;
+  int64_t packed_bytes_ = 0, bf16_bytes_ = 0;
   std::unique_ptr<Arena> arena_;
   std::vector<Layer> layers_;
   Packed head_;

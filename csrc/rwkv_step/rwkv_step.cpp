@@ -21,8 +21,9 @@ class Stepper {
   // [out, in], w = -exp(time_decay)). emb: [Vpad, D] with ln0 applied (kept, one row read per token);
   // head: [V, D]. threads: the pool size (the caller passes torch's thread count, capped). isa: "" picks the
   // best kernel this CPU runs; "avx512", "avx2" or "generic" force one (tests cover every kernel).
+  // exact_bf16: store matrices whose values are all bf16 as bf16 (bit-identical results, half the bytes).
   Stepper(at::Tensor emb, std::vector<std::vector<at::Tensor>> layers, at::Tensor ln_w, at::Tensor ln_b,
-          at::Tensor head, double eps, int64_t threads, const std::string& isa)
+          at::Tensor head, double eps, int64_t threads, const std::string& isa, bool exact_bf16)
       : emb_(emb) {
     neox_step::Isa chosen = neox_step::detect_isa();
     if (!isa.empty()) {
@@ -56,12 +57,14 @@ class Stepper {
     core_ = std::make_unique<neox_step::Rwkv4Step>(
         emb.data_ptr<float>(), emb.size(0), D, F, lws, ln_w.data_ptr<float>(), ln_b.data_ptr<float>(),
         head.data_ptr<float>(), vocab_, static_cast<float>(eps), static_cast<int>(std::max<int64_t>(1, threads)),
-        chosen);
+        chosen, exact_bf16);
     layers_ = static_cast<int64_t>(layers.size());
   }
 
   int64_t threads() const { return core_->threads(); }
   std::string isa() const { return neox_step::isa_name(core_->isa()); }
+  int64_t packed_bytes() const { return core_->packed_bytes(); }
+  int64_t bf16_bytes() const { return core_->bf16_bytes(); }
 
   // ids [B] int64; state: five [L, B, D] float32 tensors (ffn_x, att_x, aa, bb, pp), updated in place.
   at::Tensor step(const at::Tensor& ids, at::Tensor ffn_x, at::Tensor att_x, at::Tensor aa, at::Tensor bb,
@@ -99,7 +102,9 @@ class Stepper {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Stepper>(m, "Stepper")
       .def(py::init<at::Tensor, std::vector<std::vector<at::Tensor>>, at::Tensor, at::Tensor, at::Tensor, double,
-                    int64_t, std::string>())
+                    int64_t, std::string, bool>())
+      .def_property_readonly("packed_bytes", &Stepper::packed_bytes)
+      .def_property_readonly("bf16_bytes", &Stepper::bf16_bytes)
       .def_property_readonly("threads", &Stepper::threads)
       .def_property_readonly("isa", &Stepper::isa)
       .def("step", &Stepper::step);

@@ -10,7 +10,9 @@ the weights in memory (the embedding excepted).
 `NEOX_RWKV_STEP_IMPL`: unset / `auto` (the C++ step; if it cannot build, warn once and use the torch
 step), `cpp` (a failed build raises), `torch` (always the torch step). `NEOX_RWKV_STEP_THREADS` caps the
 pool (default: torch.get_num_threads()); `NEOX_RWKV_STEP_ISA` (avx512, avx2, generic) forces a gemv
-kernel (default: the best this CPU runs).
+kernel (default: the best this CPU runs). `NEOX_RWKV_STEP_EXACT_BF16=0` keeps every matrix in float32
+(default: a matrix whose float32 values are all bf16 values, as in a checkpoint trained or released in
+bf16, is stored as bf16: half the bytes per token, bit-identical logits).
 """
 
 from __future__ import annotations
@@ -74,4 +76,5 @@ def make_stepper(emb: torch.Tensor, layers: list[list[torch.Tensor]], ln_out: tu
     lys = [[t.detach().float().contiguous() for t in ly] for ly in layers]
     threads = max(1, min(torch.get_num_threads(), MAX_THREADS))
     isa = os.environ.get("NEOX_RWKV_STEP_ISA", "").strip().lower()
-    return ext.Stepper(c[0], lys, c[1], c[2], c[3], float(eps), threads, isa)
+    exact_bf16 = os.environ.get("NEOX_RWKV_STEP_EXACT_BF16", "1").strip() not in ("0", "false", "no", "off")
+    return ext.Stepper(c[0], lys, c[1], c[2], c[3], float(eps), threads, isa, exact_bf16)

@@ -1,6 +1,6 @@
 """The C++ RWKV-4 step (csrc/rwkv_step, the default RNN step on float32 CPU) against the model's forward_rnn:
 every gemv kernel (AVX-512, AVX2, plain), batches that span several passes, thread counts above the core
-count, odd sizes (a partial tile, an input width that is not a multiple of 4), a forked child, bad input."""
+count, odd sizes (a partial tile, an odd input width), a forked child, bad input."""
 
 import multiprocessing as mp
 import os
@@ -24,7 +24,7 @@ def _ext():
 
 @pytest.fixture(scope="module")
 def lm():
-    cfg = NeoXConfig.from_dict({"model_type": "rwkv", "num_layers": 2, "hidden_size": 30, "vocab_size": 37,
+    cfg = NeoXConfig.from_dict({"model_type": "rwkv", "num_layers": 2, "hidden_size": 29, "vocab_size": 37,
                                 "no_weight_tying": True, "seq_length": 64, "max_position_embeddings": 64})
     torch.manual_seed(0)
     m = CausalLM.from_config(cfg.model).eval()
@@ -163,3 +163,49 @@ def test_forked_child_steps_without_the_parents_workers(lm):
     proc.join(timeout=60)
     assert proc.exitcode == 0
     torch.testing.assert_close(torch.tensor(got), want, rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def lm_bf16(lm):
+    """The same model with every weight rounded to bf16 (stored float32): a checkpoint released in bf16."""
+    import copy
+
+    m = copy.deepcopy(lm)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    return m
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
+def test_exact_bf16_storage_is_bit_identical(lm_bf16, isa, monkeypatch):
+    """Matrices whose float32 values are all bf16 are stored in half the bytes; logits and state stay
+    bit-identical to the float32 storage, and still match forward_rnn."""
+    _ext()
+    if not _supported(isa):
+        pytest.skip(f"this CPU has no {isa}")
+    monkeypatch.setenv("NEOX_RWKV_STEP_ISA", isa)
+    half = RWKVStepper(lm_bf16)
+    monkeypatch.setenv("NEOX_RWKV_STEP_EXACT_BF16", "0")
+    full = RWKVStepper(lm_bf16)
+    assert half._cpp.bf16_bytes == half._cpp.packed_bytes > 0 and full._cpp.bf16_bytes == 0
+    assert half._cpp.packed_bytes < 0.56 * full._cpp.packed_bytes  # half, plus padding to an even width
+    ids = _ids(lm_bf16, 3, steps=5)
+    got, want = _run(half, ids, 3), _run(full, ids, 3)
+    for (lg, st), (lw, sw) in zip(got, want):
+        assert torch.equal(lg, lw) and all(torch.equal(a, b) for a, b in zip(st, sw))
+    _assert_same(got, _reference(lm_bf16, ids, 3))
+
+
+def test_one_non_bf16_value_keeps_that_matrix_float32(lm_bf16):
+    import copy
+
+    _ext()
+    m = copy.deepcopy(lm_bf16)
+    with torch.no_grad():
+        w = m.model.lm_head.weight
+        w.view(-1)[5] = torch.nextafter(w.view(-1)[5], torch.tensor(float("inf")))  # a low bit set
+    stepper = RWKVStepper(m)
+    assert 0 < stepper._cpp.bf16_bytes < stepper._cpp.packed_bytes
+    ids = _ids(m, 1, steps=3)
+    _assert_same(_run(stepper, ids, 1), _reference(m, ids, 1))

@@ -72,13 +72,17 @@ def rwkv_config(args) -> NeoXConfig:
                                  "max_position_embeddings": 1024})
 
 
-def random_rwkv(cfg: NeoXConfig) -> CausalLM:
+def random_rwkv(cfg: NeoXConfig, bf16_values: bool = False) -> CausalLM:
+    """Random weights (float32). bf16_values: every weight rounded to a bf16 value, still stored as float32,
+    as in a checkpoint trained or released in bf16 and loaded with strategy "cpu fp32"."""
     torch.manual_seed(0)
     lm = CausalLM.from_config(cfg.model).eval()
     with torch.no_grad():  # neox init zeroes some matrices; fill them so no path is trivially cheap
         for name, p in lm.model.named_parameters():
             if p.dim() == 2 and "embed" not in name:
                 p.copy_(torch.randn_like(p) / p.shape[1] ** 0.5)
+            if bf16_values:
+                p.copy_(p.to(torch.bfloat16).float())
     return lm
 
 
@@ -101,6 +105,10 @@ def neox_steps(lm, args) -> dict:
         return int(logits[0, : args.vocab].argmax())
 
     kind = "C++ step" if stepper._cpp is not None else "torch step"
+    if stepper._cpp is not None:
+        c = stepper._cpp
+        print(f"neox C++ step: {c.threads} threads, {c.isa} kernels, {c.packed_bytes / 1e6:.1f} MB of weights per "
+              f"token, {c.bf16_bytes / 1e6:.1f} MB of them stored as exact bf16")
     return {f"neox RWKVStepper ({kind})": fused, "neox forward_rnn (unfused)": plain}
 
 
@@ -223,6 +231,8 @@ def main(argv=None) -> int:
     ap.add_argument("--contexts", default="128,512,2048", help="context lengths for the growth table")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     ap.add_argument("--skip-peers", action="store_true", help="only neox (no transformers / rwkv package)")
+    ap.add_argument("--bf16-values", action="store_true",
+                    help="round every weight to a bf16 value (kept float32 everywhere), as a bf16 checkpoint is")
     ap.add_argument("--contention", type=int, default=0,
                     help="also time neox and the rwkv package with this many busy processes running")
     ap.add_argument("--json", help="also write the results here")
@@ -232,10 +242,11 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     cfg = rwkv_config(args)
-    lm = random_rwkv(cfg)
+    lm = random_rwkv(cfg, args.bf16_values)
     n = sum(p.numel() for p in lm.parameters())
     print(f"RWKV-4: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}: {n / 1e6:.1f}M parameters; "
-          f"float32, batch 1, {torch.get_num_threads()} threads; median of {args.tokens} steps")
+          f"float32{' (bf16 values)' if args.bf16_values else ''}, batch 1, {torch.get_num_threads()} threads; "
+          f"median of {args.tokens} steps")
     steps = neox_steps(lm, args)
     missing = []
     if not args.skip_peers:
