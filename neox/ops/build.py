@@ -76,6 +76,9 @@ def load_extension(name: str, sources: list[Path], *, cflags: list[str] = (), cu
                 raise ExtensionBuildError("CUDA_HOME is not set and nvcc was not found")
             directory = build_dir(name, sources, flags)
             directory.mkdir(parents=True, exist_ok=True)
+            if not any(directory.glob(f"{name}*.so")):
+                print(f"neox: compiling the {name} extension (first use of this source on this machine, ~30-60 s; "
+                      f"cached in {directory})", file=sys.stderr, flush=True)
             module = cpp_extension.load(
                 name=name, sources=[str(s) for s in sources], build_directory=str(directory),
                 extra_cflags=list(cflags), extra_cuda_cflags=list(cuda_cflags), extra_ldflags=list(ldflags),

@@ -3,14 +3,17 @@ and the per-token time as the context grows (RWKV stays flat; a GPT-NeoX with a 
 
     python tools/bench/rwkv_generate.py                       # 72M RWKV-4: hidden 512, 6 layers, vocab 50277
     python tools/bench/rwkv_generate.py --hidden 256 --layers 2 --tokens 16 --contexts 32,64 --json out.json
+    python tools/bench/rwkv_generate.py --bf16-values         # weights rounded to bf16, as released checkpoints
+    python tools/bench/rwkv_generate.py --contention 1        # also with a busy process competing for a core
 
 Every model gets the same (random) weights. Each step is timed alone (greedy pick included); the sides
 take turns of --block steps (after --warmup untimed ones) until each has --tokens, and the median is
-reported, so load from other processes falls on every side alike. Peers: transformers' RwkvForCausalLM one token
-at a time carrying its state (what its generate does), and `rwkv.model.RWKV(path, "cpu fp32")`
-(RWKV_JIT_ON as set in the environment, default on). neox: the fused RWKVStepper and, for reference,
-the model's own forward_rnn. Context growth: the state (or KV cache) after a random prompt of each
-length, then --tokens timed steps.
+reported, so load from other processes falls on every side alike. Peers: transformers' RwkvForCausalLM
+one token at a time carrying its state (what its generate does), and `rwkv.model.RWKV(path, "cpu fp32")`
+(RWKV_JIT_ON as set in the environment, default on). neox: the fused RWKVStepper (the C++ step where it
+builds) and, for reference, the model's own forward_rnn. The "floor" row is one torch.mv over a float32
+matrix of as many bytes as a neox token reads: memory bandwidth with no model around it. Context
+growth: the state (or KV cache) after a random prompt of each length, then --tokens timed steps.
 """
 
 from __future__ import annotations
@@ -110,6 +113,22 @@ def neox_steps(lm, args) -> dict:
         print(f"neox C++ step: {c.threads} threads, {c.isa} kernels, {c.packed_bytes / 1e6:.1f} MB of weights per "
               f"token, {c.bf16_bytes / 1e6:.1f} MB of them stored as exact bf16")
     return {f"neox RWKVStepper ({kind})": fused, "neox forward_rnn (unfused)": plain}
+
+
+FLOOR = "floor: one torch.mv, same bytes"
+
+
+def floor_step(nbytes: int, hidden: int):
+    """One MKL gemv over a float32 matrix of `nbytes` (what a token reads): the memory-bandwidth floor
+    no step that reads those bytes once can beat by much."""
+    w = torch.randn(max(1, nbytes // 4 // hidden), hidden)
+    x = torch.randn(hidden)
+
+    def step(tok):
+        torch.mv(w, x)
+        return tok
+
+    return step
 
 
 def hf_step(lm, cfg):
@@ -248,6 +267,11 @@ def main(argv=None) -> int:
           f"float32{' (bf16 values)' if args.bf16_values else ''}, batch 1, {torch.get_num_threads()} threads; "
           f"median of {args.tokens} steps")
     steps = neox_steps(lm, args)
+    stepper = RWKVStepper(lm)
+    nbytes = stepper._cpp.packed_bytes if stepper._cpp is not None else 4 * sum(
+        p.numel() for n, p in lm.model.named_parameters() if p.dim() == 2 and "embed" not in n)
+    del stepper
+    steps[FLOOR] = floor_step(nbytes, args.hidden)
     missing = []
     if not args.skip_peers:
         for name, make in (("transformers RwkvForCausalLM", hf_step), (PEER, rwkv_package_step)):
