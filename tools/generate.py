@@ -127,6 +127,8 @@ def generate_rnn(args, ps, model, tok, params, gen) -> int:
         if saved.rng is not None:  # the sampling stream continues where the saved run stopped
             gen.set_state(saved.rng)
     runner = RNNRunner(model)
+    if ps.rank == 0:
+        print(f"[generate] RWKV in RNN mode: {runner.describe()}", file=sys.stderr, flush=True)
     n_tokens = 0
     for batch in read_prompts(args, ps):
         ids = [tok.tokenize(p) if saved is not None else (tok.tokenize(p) or [tok.eod]) for p in batch]

@@ -100,6 +100,14 @@ class RWKVStepper:
             fk_t=f.key.weight.t(), fr_t=f.receptance.weight.t(), fv_t=f.value.weight.t(),
         )
 
+    def describe(self) -> str:
+        """One line on how a token is computed (for progress output)."""
+        if self._cpp is None:
+            return f"fused torch step ({self.dtype}, {self.device})"
+        c = self._cpp
+        return (f"C++ step ({c.isa}, {c.threads} threads; {c.packed_bytes / 1e6:.1f} MB of weights per token, "
+                f"{c.bf16_bytes / 1e6:.1f} MB of them stored as exact bf16) for batches up to {CPP_MAX_BATCH}")
+
     def init_state(self, batch_size: int) -> list[torch.Tensor]:
         """The empty state in the stepper's format: five [L, B, D] tensors (pp = -1e38)."""
         return self.from_model_state(self.net.init_state(batch_size, device=self.device, dtype=self.dtype))
@@ -172,6 +180,12 @@ class RNNRunner:
         fast = fused and self.net.ps.tp_size == 1 and p.dtype in (torch.float32, torch.float64)
         self.stepper = RWKVStepper(self.net) if fast else None
         self.device = p.device
+
+    def describe(self) -> str:
+        """One line on how a token is computed (for progress output)."""
+        if self.stepper is not None:
+            return self.stepper.describe()
+        return f"the model's forward_rnn (TP {self.ps.tp_size}, {next(self.net.parameters()).dtype})"
 
     def _logits(self, local: torch.Tensor) -> torch.Tensor:
         return gather_from_tensor_parallel_region(local.contiguous(), self.ps)[..., : self.vocab_size].float()

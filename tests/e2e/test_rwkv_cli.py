@@ -119,7 +119,9 @@ def test_generate_greedy_matches_transformers(setup, capsys):
     gen = _tool("generate")
     args = ["--load", str(setup["run_dir"]), "--max-new-tokens", str(N), "--temperature", "0"]
     assert gen.main([*args, "--prompt-file", str(prompt_file), "--batch-size", "2"]) == 0
-    assert capsys.readouterr().out == "".join(f"{w}\n{RULE}\n" for w in want)
+    captured = capsys.readouterr()
+    assert captured.out == "".join(f"{w}\n{RULE}\n" for w in want)
+    assert "[generate] RWKV in RNN mode: C++ step (" in captured.err or "fused torch step" in captured.err
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -131,6 +133,7 @@ def test_generate_greedy_matches_transformers(setup, capsys):
                          stdin=subprocess.DEVNULL)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     assert res.stdout == "".join(f"{w}\n{RULE}\n" for w in want)
+    assert "RWKV in RNN mode: the model's forward_rnn (TP 2" in res.stderr
 
 
 def test_generate_save_and_load_state(setup, capsys):
