@@ -153,23 +153,25 @@ class SPMTokenizer(Tokenizer):
 
 
 class CharLevelTokenizer(Tokenizer):
-    """UTF-8 bytes as ids 0..255 (so ASCII ids equal the characters' code points); eod 256, pad 257.
+    """UTF-8 bytes as ids 0..255, with gpt-neox's ids and size: eod 0, pad 1, vocab_size 512.
 
-    Bytes rather than code points so that every text round-trips (enwik8-style byte modelling).
+    The same ids as gpt-neox's CharLevelTokenizer (and Evo's), so its .bin/.idx data and checkpoints work
+    unchanged; like it, a NUL (0) or SOH (1) byte in the text reads as eod / pad. Unlike its per-byte
+    `chr` decoding, detokenize decodes UTF-8 (dropping eod, pad and ids above 255), so text round-trips.
     """
 
     name = "CharLevelTokenizer"
 
     def __init__(self) -> None:
-        self.vocab_size = 258
-        self.eod = 256
-        self.pad = 257
+        self.vocab_size = 512
+        self.eod = 0
+        self.pad = 1
 
     def tokenize(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
     def detokenize(self, ids: Sequence[int]) -> str:
-        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+        return bytes(int(i) for i in ids if 1 < int(i) < 256).decode("utf-8", errors="replace")
 
 
 TOKENIZER_TYPES = ("HFTokenizer", "HFGPT2Tokenizer", "GPT2BPETokenizer", "SPMTokenizer", "CharLevelTokenizer")

@@ -34,7 +34,7 @@ def _pile_file(path, texts, bad_line_at=None):
 
 
 def _char_docs(texts):
-    return [list(t.encode("utf-8")) + [256] for t in texts]  # CharLevelTokenizer: bytes, eod 256
+    return [list(t.encode("utf-8")) + [0] for t in texts]  # CharLevelTokenizer: bytes, eod 0
 
 
 def test_preprocess_inspect_merge(tmp_path):
@@ -64,7 +64,8 @@ def test_preprocess_inspect_merge(tmp_path):
              "--samples", "3", "--sample-tokens", "40", "--json")
     (info,) = json.loads(r.stdout)
     lengths = [len(d) for d in _char_docs(a)]
-    assert info["documents"] == 30 and info["tokens"] == sum(lengths) and info["max_id"] == 256
+    assert info["documents"] == 30 and info["tokens"] == sum(lengths)
+    assert info["max_id"] == max(max(d) for d in _char_docs(a))
     assert sum(info["length_histogram"].values()) == 30 and info["doc_tokens"]["max"] == max(lengths)
     for s in info["samples"]:
         doc = _char_docs(a)[s["sequence"]]

@@ -41,7 +41,7 @@ def setup(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("eval")
     cfg = NeoXConfig.from_dict(dict(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=24,
-                                    max_position_embeddings=64, vocab_size=258,
+                                    max_position_embeddings=64, vocab_size=512,
                                     tokenizer_type="CharLevelTokenizer"))
     lm = CausalLM.from_config(cfg.model, init_seed=5)
     save_model_checkpoint(d / "run", lm.model.state_dict(), cfg, iteration=3)

@@ -94,7 +94,7 @@ def test_validation_names_each_fault(tmp_path, case):
 
 @pytest.fixture(scope="module")
 def char_data(tmp_path_factory):
-    """A CharLevelTokenizer dataset of pydoc texts (vocab 258, eod 256), written by megatron-core's builder."""
+    """A CharLevelTokenizer dataset of pydoc texts (vocab 512, eod 0), written by megatron-core's builder."""
     from pydoc_data.topics import topics
 
     d = tmp_path_factory.mktemp("chars")
@@ -117,13 +117,13 @@ def test_datasets_refuse_corrupt_data_before_megatron_opens_it(char_data, tmp_pa
 def test_token_ids_outside_the_vocabulary(char_data, tmp_path, monkeypatch):
     prefix, docs, tok = char_data
     other = [list(d) for d in docs]
-    other[7][3] = 300  # a token no CharLevelTokenizer id can be
+    other[7][3] = 600  # a token no CharLevelTokenizer id can be
     bad = tmp_path / "wide_text_document"
     _megatron_write(bad, other, 70_000)  # int32
-    assert ix.check_token_range(prefix, tok.vocab_size) == 256
+    assert ix.check_token_range(prefix, tok.vocab_size) == max(max(d) for d in docs)
     with pytest.raises(DataError) as err:
         ix.check_token_range(bad, tok.vocab_size)
-    assert "token id 300 (sequence 7, token" in str(err.value) and "258" in str(err.value)
+    assert "token id 600 (sequence 7, token" in str(err.value) and "512" in str(err.value)
     pos = sum(map(len, other[:7])) + 3
     assert f"token {pos})" in str(err.value)
     with pytest.raises(DataError, match="outside the tokenizer's vocabulary"):
