@@ -51,13 +51,27 @@ def main(argv=None) -> int:
     p = cfg.parallel
     ps = ParallelState.single() if world == 1 else ParallelState.from_sizes(
         tp=p.tp_size, pp=p.pp_size, vpp=p.virtual_size if p.virtual_size > 1 else None)
+    from neox.checkpoint.io import CheckpointError
+    from neox.training.loop import NonFiniteLossError
+
+    # Expected failures are one line and an exit code; anything else is a bug and keeps its traceback
+    # (under torchrun, @record below puts it in the failure summary).
     try:
         pretrain(cfg, ps)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except CheckpointError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # torchrun's @record: an exception on any rank lands, traceback included, in torchrun's failure summary
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    sys.exit(record(main)())

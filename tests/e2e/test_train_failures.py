@@ -1,19 +1,19 @@
 """train.py as users run it: preemption (SIGTERM) saves and exits cleanly; NaN losses stop the run with a
-good checkpoint; a checkpoint of another model shape is refused by name."""
+good checkpoint; a checkpoint of another model shape is refused by name; a bug reaches torchrun's error file."""
 
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from neox.checkpoint.io import load_model_checkpoint
 from neox.training import runner
-from neox.training.loop import NonFiniteLossError
 
 from .test_train_cli import ROOT, _overrides, train
 
@@ -62,10 +62,11 @@ def test_nan_losses_stop_with_last_good_checkpoint(corpus, tmp_path, monkeypatch
 
     monkeypatch.setattr(runner, "build_pretraining", poisoned)
     run_dir = tmp_path / "nan"
-    with pytest.raises(NonFiniteLossError, match="max_nonfinite_losses=2"):
-        train.main(["-c", str(ROOT / "configs/tiny/neox.yml"),
-                    *_overrides(corpus, run_dir, train_iters=20, max_nonfinite_losses=2, checkpoint_factor=2)])
-    out = capsys.readouterr().out
+    assert train.main(["-c", str(ROOT / "configs/tiny/neox.yml"),
+                       *_overrides(corpus, run_dir, train_iters=20, max_nonfinite_losses=2, checkpoint_factor=2)]) == 1
+    captured = capsys.readouterr()
+    out = captured.out
+    assert captured.err.startswith("training stopped: ") and "max_nonfinite_losses=2" in captured.err
     assert "step 4: loss is nan; update skipped (1 of 2 tolerated)" in out
     assert (run_dir / "latest").read_text().strip() == "global_step5"  # steps 4-5 skipped: weights of step 3
     _, sd5 = load_model_checkpoint(run_dir)
@@ -77,8 +78,25 @@ def test_nan_losses_stop_with_last_good_checkpoint(corpus, tmp_path, monkeypatch
 def test_checkpoint_of_another_shape_is_refused(corpus, tmp_path, capsys):
     run_dir = tmp_path / "shape"
     assert train.main(["-c", str(ROOT / "configs/tiny/neox.yml"), *_overrides(corpus, run_dir, train_iters=2)]) == 0
-    from neox.checkpoint.io import CheckpointError
+    capsys.readouterr()
+    assert train.main(["-c", str(ROOT / "configs/tiny/neox.yml"),
+                       *_overrides(corpus, tmp_path / "other", hidden_size=32, load=str(run_dir))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("checkpoint error: ") and re.search(r"tensor 'embed.weight'.*another model shape", err)
 
-    with pytest.raises(CheckpointError, match=r"tensor 'embed.weight'.*another model shape"):
-        train.main(["-c", str(ROOT / "configs/tiny/neox.yml"),
-                    *_overrides(corpus, tmp_path / "other", hidden_size=32, load=str(run_dir))])
+
+def test_unexpected_exception_reaches_torchrun_error_file(tmp_path):
+    """A bug (not a config/checkpoint/NaN error) keeps its traceback, and train.py's @record writes it to
+    the error file torchrun reads for its failure summary."""
+    err_file = tmp_path / "error.json"
+    code = ("import sys, runpy; import neox.training.runner as r\n"
+            "def boom(*a, **k): raise ZeroDivisionError('a bug inside pretrain')\n"
+            "r.pretrain = boom\n"
+            f"sys.argv = ['train.py', '-c', {str(ROOT / 'configs/tiny/neox.yml')!r}]\n"
+            f"runpy.run_path({str(ROOT / 'train.py')!r}, run_name='__main__')\n")
+    env = {**os.environ, "TORCHELASTIC_ERROR_FILE": str(err_file), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode != 0 and "ZeroDivisionError: a bug inside pretrain" in proc.stderr
+    record = json.loads(err_file.read_text())
+    assert "a bug inside pretrain" in json.dumps(record)
