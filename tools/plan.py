@@ -8,10 +8,10 @@
 The arithmetic lives in neox/config/plan.py (no torch); FLOPs follow Megatron's formula, documented
 there: model FLOPs = 3 x forward matmul FLOPs; activation checkpointing adds one more forward of the
 layers to the hardware FLOPs. Memory per GPU = params + grads + optimizer state (fp32 master + moments,
-sharded over DP by ZeRO-1) + activations (Korthikanti et al. 2022; see docs/planning.md), per pipeline
-stage; --gpu-mem GiB says whether the largest stage fits after keeping --headroom for the CUDA context,
-NCCL buffers and fragmentation. DP comes from --dp, --world-size, the config's world_size /
-global_num_gpus / num_gpus x num_nodes, else 1.
+sharded over DP by ZeRO-1) + activations (GPT-NeoX: Korthikanti et al. 2022; RWKV-4: the tensors neox's
+RWKV saves for backward; see docs/planning.md), per pipeline stage; --gpu-mem GiB says whether the
+largest stage fits after keeping --headroom for the CUDA context, NCCL buffers and fragmentation. DP
+comes from --dp, --world-size, the config's world_size / global_num_gpus / num_gpus x num_nodes, else 1.
 """
 
 from __future__ import annotations
@@ -44,6 +44,18 @@ FLOPS_FORMULA = (
     "(= 72*L*D^2*(1 + s/(6D) + Vpad/(12*L*D)) when F = 4D); hardware = model + L-layer forward "
     "when checkpoint_activations"
 )
+# RWKV-4: att key/value/receptance/output (4 D^2) + ffn key, value (2 D F) and receptance (D^2); no attention
+# term (the WKV recurrence is O(D) per token), as neox.config.plan.flops_per_token counts it.
+RWKV_FLOPS_FORMULA = (
+    "forward = 2*(L*(5*D^2 + 2*D*F) + Vpad*D) per token (no attention term: WKV is O(D) per token); "
+    "model = 3*forward (= 78*L*D^2*(1 + Vpad/(13*L*D)) when F = 4D); hardware = model + L-layer forward "
+    "when checkpoint_activations"
+)
+
+
+def flops_formula(model_type: str) -> str:
+    """The FLOPs formula flops_per_token uses for this model type, as printed."""
+    return RWKV_FLOPS_FORMULA if model_type == "rwkv" else FLOPS_FORMULA
 
 
 def _vocab_from_tokenizer(cfg: NeoXConfig) -> int | None:
@@ -99,7 +111,7 @@ def plan(cfg: NeoXConfig, world_size: int | None = None, gpu_mem: float | None =
                                "middle": max(per_stage[1:-1]) if pp > 2 else None, "max": max(per_stage)},
         "checkpoint_activations": p.checkpoint_activations,
         "flops_per_token": flops,
-        "flops_formula": FLOPS_FORMULA,
+        "flops_formula": flops_formula(m.model_type),
     }
     dp = 1
     if world_size is not None:
@@ -133,6 +145,15 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.2f}"
 
 
+_ACTIVATIONS_NOTE = {
+    "gpt_neox": "  activations: Korthikanti et al. 2022, per layer sbh(10 + 24/t + 5as/(ht)) bytes (TP t; /t overall "
+                "with SP; selective drops 5as/h), x micro-batches in flight under 1F1B; see docs/planning.md",
+    "rwkv": "  activations: RWKV-4 tensors saved for backward, per block e*sb(4D + 8D/q + 6D/t + 2F/t) bytes (TP t; "
+            "q = t with SP, else 1; no selective recompute: selective = none), x micro-batches in flight under "
+            "1F1B; head = ln_out input + fused head's d/dh and fp32 d/dW; see docs/planning.md",
+}
+
+
 def render_memory(mem: dict) -> list[str]:
     """The memory block of the human-readable plan (GiB = 2**30 bytes)."""
     bpp = mem["stages"][0]["bytes_per_param"]
@@ -145,15 +166,13 @@ def render_memory(mem: dict) -> list[str]:
         + (f", {mem['virtual']} virtual stages" if mem["virtual"] > 1 else "")
         + (f"; activation checkpointing every {mem['checkpoint_num_layers']} layer(s)"
            if mem["checkpoint_activations"] else "; no activation checkpointing"),
-        "  activations: Korthikanti et al. 2022, per layer sbh(10 + 24/t + 5as/(ht)) bytes (TP t; /t overall with "
-        "SP; selective drops 5as/h), x micro-batches in flight under 1F1B; see docs/planning.md",
+        _ACTIVATIONS_NOTE["rwkv" if mem.get("model_type") == "rwkv" else "gpt_neox"],
         f"  {'stage':>5} {'params':>7} {'in-flight':>9} | {'params':>6} {'grads':>6} {'optim ZeRO-1 / none':>19} | "
         f"{'activations none / selective / full ckpt':>40} {'head':>5} | {'total':>6}",
     ]
     for st in mem["stages"]:
         acts = st["activations"]
-        act_txt = "n/a (RWKV: not modelled)" if acts is None else \
-            f"{_gib(acts['none'])} / {_gib(acts['selective'])} / {_gib(acts['full'])}"
+        act_txt = f"{_gib(acts['none'])} / {_gib(acts['selective'])} / {_gib(acts['full'])}"
         optim = f"{_gib(st['optimizer_zero1'])} / {_gib(st['optimizer_no_zero'])}"
         lines.append(
             f"  {st['stage']:>5} {_fmt(st['parameters']):>7} {st['in_flight']:>9} | {_gib(st['params']):>6} "
@@ -182,7 +201,8 @@ def render(info: dict) -> str:
     ppg = info["parameters_per_gpu"]
     lines = [
         f"model: {c['model_type']}, {c['num_layers']} layers, hidden {c['hidden_size']}, "
-        f"{c['num_attention_heads']} heads, ffn {c['ffn_size']}, seq {c['seq_length']}, "
+        + (f"{c['num_attention_heads']} heads, " if c["num_attention_heads"] is not None else "")
+        + f"ffn {c['ffn_size']}, seq {c['seq_length']}, "
         f"vocab {c['vocab_size']} -> padded {info['padded_vocab_size']} (TP {info['tp']})",
         f"parameters: {info['parameters']:,} ({_fmt(info['parameters'])})",
         f"layout: TP {info['tp']} x PP {info['pp']} ({info['pipe_partition_method']}; layers per stage "

@@ -9,6 +9,8 @@ RWKV-4 (no biases): emb [Vpad, D], ln0 2D (block 0), per block ln1/ln2 (2D each)
     time_decay/time_first/time_mix_{k,v,r} (5D) + key/value/receptance/output [D, D],
     channel mixing time_mix_{k,r} (2D) + key [F, D], receptance [D, D], value [D, F]; ln_out 2D; head
     (always untied). Under TP the matrices and time_decay/time_first split, the rest is replicated.
+Activations: GPT-NeoX per Korthikanti et al. 2022; RWKV-4 per tensor that neox's RWKV keeps for backward
+(`rwkv_layer_activation_bytes`; tests/unit/test_plan_rwkv.py measures them with saved-tensor hooks).
 """
 
 from __future__ import annotations
@@ -188,6 +190,72 @@ def layer_activation_bytes(s: int, b: int, h: int, a: int, f: int | None = None,
     return replicated + split + scores
 
 
+# Per-token statistics of a LayerNorm (mean and rstd) and dropout masks, as CUDA keeps them: fp32
+# statistics for 16-bit inputs, bool masks. (On CPU torch keeps both in the activation dtype; the
+# measurement tests pass those sizes explicitly.)
+NORM_STAT_BYTES = 4
+MASK_BYTES = 1
+
+
+def rwkv_layer_activation_bytes(s: int, b: int, d: int, f: int, tp: int = 1, sequence_parallel: bool = False,
+                                act_bytes: int = 2, *, dropout: bool = False, stat_bytes: int = NORM_STAT_BYTES,
+                                mask_bytes: int = MASK_BYTES) -> float:
+    """Bytes one RWKV-4 block keeps for backward, per micro-batch, on one TP rank (neox.models.rwkv).
+
+    Counted per tensor autograd saves (e = act_bytes, q = t with sequence parallelism, else 1):
+        full [s, b, D] on every rank    4 e sbD     inputs of the column-parallel att key/value/receptance
+                                                    and ffn key: neox's ColumnParallelLinear saves its
+                                                    input after the SP all-gather, so SP does not split it
+        replicated, split by SP         8 e sbD/q   ln1/ln2 inputs, both mixes' x and shifted x, ffn value
+                                                    output and sigmoid(receptance) (the final product's)
+        split over TP                   6 e sbD/t   att k, v, sigmoid(r), WKV output, output-layer input,
+                                                    ffn receptance input (this rank's channel slice)
+                                        2 e sbF/t   relu(key) and its square (the value layer's input)
+        LayerNorm mean and rstd         4 stat sb/q two norms
+        dropout masks (p > 0 only)      2 mask sbD/q
+        per-layer constants             5 e D (1 - time_mix_*), 8 D/t (fp32 exp(time_decay) and w),
+                                        4 D/t (fp32 copy of time_first, 16-bit models only),
+                                        12 b D/t (the WKV op's fp32 initial state aa, bb, pp)
+    The WKV op (neox.ops.wkv, CUDA and CPU kernels) saves k and v in the activation dtype and recomputes
+    its recurrence in backward, so nothing of size s x D is kept in fp32. RWKV has no attention scores,
+    hence no selective-recompute saving (neox has no selective recompute for it either).
+    """
+    q = tp if sequence_parallel else 1
+    sb = s * b
+    big = act_bytes * sb * (4 * d + 8 * d / q + 6 * d / tp + 2 * f / tp)
+    small = 4 * stat_bytes * sb / q + (2 * mask_bytes * sb * d / q if dropout else 0)
+    const = 5 * act_bytes * d + 8 * d / tp + (4 * d / tp if act_bytes != 4 else 0) + 12 * b * d / tp
+    return big + small + const
+
+
+def rwkv_embedding_activation_bytes(s: int, b: int, d: int, tp: int = 1, sequence_parallel: bool = False, *,
+                                    dropout: bool = False, mask_bytes: int = MASK_BYTES) -> float:
+    """What RWKV's embedding keeps (first stage, outside activation checkpointing): the int64 token ids
+    of the lookup (under TP its shard-local ids and the bool out-of-shard mask), and the embedding
+    dropout mask when hidden_dropout > 0."""
+    q = tp if sequence_parallel else 1
+    ids = 8 * s * b + (s * b if tp > 1 else 0)
+    return ids + (mask_bytes * s * b * d / q if dropout else 0)
+
+
+def rwkv_norm_input_bytes(s: int, b: int, d: int, tp: int = 1, sequence_parallel: bool = False,
+                          act_bytes: int = 2, stat_bytes: int = NORM_STAT_BYTES) -> float:
+    """A LayerNorm outside the blocks' count (block 0's ln0, the last stage's ln_out): input and stats."""
+    q = tp if sequence_parallel else 1
+    return (act_bytes * d + 2 * stat_bytes) * s * b / q
+
+
+def rwkv_head_activation_bytes(s: int, b: int, d: int, vpad: int, tp: int = 1, sequence_parallel: bool = False,
+                               act_bytes: int = 2, stat_bytes: int = NORM_STAT_BYTES) -> float:
+    """RWKV's output head for one micro-batch on the last stage, as training runs it (RWKV.forward_loss ->
+    megatron_ext's vocab_parallel_linear_cross_entropy_sum): ln_out's input and stats, then the fused head
+    keeps no logits but the gradients it forms in forward until backward: d/dh for all s*b tokens in the
+    activation dtype, e*sbD (whole sequence, also under SP), and d/dW of the vocab shard in fp32, 4*Vpad*D/t.
+    """
+    return (rwkv_norm_input_bytes(s, b, d, tp, sequence_parallel, act_bytes, stat_bytes)
+            + act_bytes * s * b * d + 4 * vpad * d / tp)
+
+
 def microbatches_in_flight(pp: int, stage: int, grad_accum: int, virtual: int = 1) -> int:
     """Model chunks whose activations one pipeline rank holds at the peak of a training step.
 
@@ -221,23 +289,38 @@ def memory_per_gpu(m: ModelConfig, *, tp: int = 1, pp: int = 1, dp: int = 1, mic
     and the fp32 softmax over the vocab shard that neox's vocab-parallel cross entropy saves,
     4*s*b*Vpad/t (neox computes the loss over the whole sequence, not in chunks). The embedding output is
     layer 0's input, already counted. `total` uses the config's choices (ZeRO stage, checkpointing).
-    RWKV has no activation model here: its activations are None and totals hold model states only.
+
+    RWKV-4: per block `rwkv_layer_activation_bytes` (selective = none: no attention scores to drop); full
+    checkpointing is the same mechanism as GPT-NeoX (neox.models.parallel.checkpoint_with_rng over
+    chunks). The first stage adds per micro-batch in flight the embedding's ids (and dropout mask) and
+    block 0's ln0 input (inside chunk 0, so with full checkpointing counted once, in the recompute working
+    set); the last stage adds `rwkv_head_activation_bytes`.
     """
     layers = stage_layer_counts(m, pp, partition_method, tp)
     params = stage_parameters(m, tp, pp, partition_method)
     e = PRECISION_BYTES[precision][0] if precision in PRECISION_BYTES else 2
     s, b, h = m.seq_length, micro_batch, m.hidden_size
     sbh = s * b * h
+    q = tp if sequence_parallel else 1
     rwkv = m.model_type == "rwkv"
-    per_layer = None if rwkv else {
-        "none": layer_activation_bytes(s, b, h, m.num_attention_heads, m.ffn_size, tp, sequence_parallel,
-                                       False, e),
-        "selective": layer_activation_bytes(s, b, h, m.num_attention_heads, m.ffn_size, tp, sequence_parallel,
-                                            True, e),
-        "checkpoint_input": e * sbh / (tp if sequence_parallel else 1),
-    }
-    head = 0 if rwkv else (e * sbh / (tp if sequence_parallel else 1) + e * sbh
-                           + 4 * s * b * m.padded_vocab_size(tp) / tp)
+    first_outside = first_inside = 0.0  # first stage: outside / inside the checkpointed chunks
+    if rwkv:
+        dropout = m.hidden_dropout > 0
+        layer = rwkv_layer_activation_bytes(s, b, h, m.ffn_size, tp, sequence_parallel, e, dropout=dropout)
+        first_outside = rwkv_embedding_activation_bytes(s, b, h, tp, sequence_parallel, dropout=dropout)
+        first_inside = rwkv_norm_input_bytes(s, b, h, tp, sequence_parallel, e)
+        per_layer = {"none": layer, "selective": layer, "checkpoint_input": e * sbh / q,
+                     "embedding": first_outside, "ln0": first_inside}
+        head = rwkv_head_activation_bytes(s, b, h, m.padded_vocab_size(tp), tp, sequence_parallel, e)
+    else:
+        per_layer = {
+            "none": layer_activation_bytes(s, b, h, m.num_attention_heads, m.ffn_size, tp, sequence_parallel,
+                                           False, e),
+            "selective": layer_activation_bytes(s, b, h, m.num_attention_heads, m.ffn_size, tp,
+                                                sequence_parallel, True, e),
+            "checkpoint_input": e * sbh / q,
+        }
+        head = e * sbh / q + e * sbh + 4 * s * b * m.padded_vocab_size(tp) / tp
     k = checkpoint_num_layers
     stages = []
     for r in range(pp):
@@ -245,16 +328,16 @@ def memory_per_gpu(m: ModelConfig, *, tp: int = 1, pp: int = 1, dp: int = 1, mic
         inflight = microbatches_in_flight(pp, r, grad_accum, virtual)
         states = model_state_bytes(params[r], precision, dp, zero_stage, optimizer, momentum)
         stage = {"stage": r, "layers": layers[r], "parameters": params[r], "in_flight": inflight, **states}
-        if per_layer is None:
-            stage.update(activations=None, head_activations=0)
-            acts = dict.fromkeys(("none", "selective", "full"), 0.0)
-        else:
-            acts = {
-                "none": inflight * n * per_layer["none"],
-                "selective": inflight * n * per_layer["selective"],
-                "full": inflight * -(-n // k) * per_layer["checkpoint_input"] + min(k, n) * per_layer["none"],
-            }
-            stage.update(activations=acts, head_activations=head if r == pp - 1 else 0)
+        # with interleaving only chunk 0 of stage 0 holds the embedding: counting it for every chunk in
+        # flight overestimates by a few sbD-sized tensors
+        out_, in_ = (first_outside, first_inside) if r == 0 else (0.0, 0.0)
+        acts = {
+            "none": inflight * (n * per_layer["none"] + out_ + in_),
+            "selective": inflight * (n * per_layer["selective"] + out_ + in_),
+            "full": inflight * (-(-n // k) * per_layer["checkpoint_input"] + out_)
+            + min(k, n) * per_layer["none"] + in_,
+        }
+        stage.update(activations=acts, head_activations=head if r == pp - 1 else 0)
         fixed = stage["params"] + stage["grads"] + stage["head_activations"]
         stage["totals"] = {zero: {kind: fixed + stage[f"optimizer_{zero}"] + acts[kind] for kind in acts}
                            for zero in ("no_zero", "zero1")}
@@ -263,7 +346,7 @@ def memory_per_gpu(m: ModelConfig, *, tp: int = 1, pp: int = 1, dp: int = 1, mic
         stages.append(stage)
     worst = max(range(pp), key=lambda r: stages[r]["total"])
     return {
-        "precision": precision, "activation_bytes": e, "dp": dp, "zero_stage": zero_stage,
+        "model_type": m.model_type, "precision": precision, "activation_bytes": e, "dp": dp, "zero_stage": zero_stage,
         "micro_batch": micro_batch, "sequence_parallel": sequence_parallel, "virtual": virtual,
         "checkpoint_activations": checkpoint_activations, "checkpoint_num_layers": k, "optimizer": optimizer,
         "layer_activations": per_layer, "stages": stages, "max_stage": worst, "max_total": stages[worst]["total"],
