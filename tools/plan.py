@@ -148,7 +148,7 @@ def _gib(n: float) -> str:
 _ACTIVATIONS_NOTE = {
     "gpt_neox": "  activations: Korthikanti et al. 2022, per layer sbh(10 + 24/t + 5as/(ht)) bytes (TP t; /t overall "
                 "with SP; selective drops 5as/h), x micro-batches in flight under 1F1B; see docs/planning.md",
-    "rwkv": "  activations: RWKV-4 tensors saved for backward, per block e*sb(4D + 8D/q + 6D/t + 2F/t) bytes (TP t; "
+    "rwkv": "  activations: RWKV-4 tensors saved for backward, per block e*sb(12D/q + 6D/t + 2F/t) bytes (TP t; "
             "q = t with SP, else 1; no selective recompute: selective = none), x micro-batches in flight under "
             "1F1B; head = ln_out input + fused head's d/dh and fp32 d/dW; see docs/planning.md",
 }

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_ext.tensor_parallel.mappings import (
+    _all_gather,
+    _reduce_scatter,
     copy_to_tensor_parallel_region,
-    gather_from_sequence_parallel_region,
     gather_from_tensor_parallel_region,
     reduce_from_tensor_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
@@ -65,6 +66,36 @@ def _zero_bias(n: int, dim: int | None, dtype, device) -> nn.Parameter:
     return p
 
 
+class _SequenceParallelColumnLinear(torch.autograd.Function):
+    """all_gather(x along the sequence) @ W^T + b, saving only this rank's sequence shard of x.
+
+    Why: autograd through gather-then-linear keeps the gathered [T, ..] input, tp times the shard that
+    sequence parallelism exists to keep. As Megatron does, backward gathers the shard again (overlapped
+    with the input-gradient matmul) for the weight gradient, and reduce-scatters the input gradient
+    (each rank's is a partial sum over its output columns)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, ps, dim):
+        ctx.save_for_backward(x, weight)
+        ctx.ps, ctx.dim, ctx.has_bias = ps, dim, bias is not None
+        return F.linear(_all_gather(x, ps, dim), weight, bias)  # [..., out/tp] over the full sequence
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        ps, dim = ctx.ps, ctx.dim
+        shard = x.movedim(dim, 0).contiguous()
+        full = shard.new_empty((ps.tp_size * shard.shape[0], *shard.shape[1:]))
+        work = dist.all_gather_into_tensor(full, shard, group=ps.tp_group, async_op=True)
+        gx = _reduce_scatter(gy.matmul(weight), ps, dim) if ctx.needs_input_grad[0] else None
+        work.wait()
+        full = full.movedim(0, dim)
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        gw = gy2.t().matmul(full.reshape(-1, full.shape[-1])) if ctx.needs_input_grad[1] else None
+        gb = gy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb, None, None
+
+
 class ColumnParallelLinear(nn.Module):
     """Y = X A^T + b with A split along its output rows: weight [out/tp, in], bias [out/tp].
 
@@ -88,10 +119,11 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _zero_bias(out_features // ps.tp_size, 0, dtype, device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:
-            x = gather_from_sequence_parallel_region(x, self.ps, self.sequence_dim)  # [T/tp,..] -> [T,..]
-        else:
-            x = copy_to_tensor_parallel_region(x, self.ps)
+        if self.sequence_parallel and self.ps.tp_size > 1:
+            # [T/tp, ..] -> gathered [T, ..] @ W^T; keeps only the shard for backward (see the Function)
+            y = _SequenceParallelColumnLinear.apply(x, self.weight, self.bias, self.ps, self.sequence_dim)
+            return y
+        x = copy_to_tensor_parallel_region(x, self.ps)
         y = F.linear(x, self.weight, self.bias)  # [..., out/tp]
         return gather_from_tensor_parallel_region(y, self.ps) if self.gather_output else y
 

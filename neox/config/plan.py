@@ -203,9 +203,9 @@ def rwkv_layer_activation_bytes(s: int, b: int, d: int, f: int, tp: int = 1, seq
     """Bytes one RWKV-4 block keeps for backward, per micro-batch, on one TP rank (neox.models.rwkv).
 
     Counted per tensor autograd saves (e = act_bytes, q = t with sequence parallelism, else 1):
-        full [s, b, D] on every rank    4 e sbD     inputs of the column-parallel att key/value/receptance
-                                                    and ffn key: neox's ColumnParallelLinear saves its
-                                                    input after the SP all-gather, so SP does not split it
+        inputs of column layers        4 e sbD/q   att key/value/receptance and ffn key: under SP neox's
+                                                    ColumnParallelLinear keeps only its sequence shard and
+                                                    all-gathers it again in backward, as Megatron does
         replicated, split by SP         8 e sbD/q   ln1/ln2 inputs, both mixes' x and shifted x, ffn value
                                                     output and sigmoid(receptance) (the final product's)
         split over TP                   6 e sbD/t   att k, v, sigmoid(r), WKV output, output-layer input,
@@ -222,7 +222,7 @@ def rwkv_layer_activation_bytes(s: int, b: int, d: int, f: int, tp: int = 1, seq
     """
     q = tp if sequence_parallel else 1
     sb = s * b
-    big = act_bytes * sb * (4 * d + 8 * d / q + 6 * d / tp + 2 * f / tp)
+    big = act_bytes * sb * (12 * d / q + 6 * d / tp + 2 * f / tp)
     small = 4 * stat_bytes * sb / q + (2 * mask_bytes * sb * d / q if dropout else 0)
     const = 5 * act_bytes * d + 8 * d / tp + (4 * d / tp if act_bytes != 4 else 0) + 12 * b * d / tp
     return big + small + const

@@ -174,6 +174,34 @@ def test_tensor_parallel_matches_single_process(tp, sp):
     _assert_close(run_distributed(_all_checks, tp, tp, sp, timeout=90))
 
 
+def _column_saved_bytes(tp: int) -> list:
+    """Bytes autograd keeps for backward of a sequence-parallel ColumnParallelLinear, parameters aside."""
+    ps = ParallelState.from_sizes(tp=tp)
+    col = ColumnParallelLinear(H, FF, ps, sequence_parallel=True)
+    params = {p.untyped_storage().data_ptr() for p in col.parameters()}
+    x = torch.randn(T // tp, B, H, requires_grad=True)  # this rank's sequence shard
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = col(x)
+    y.sum().backward()
+    return [sum(seen.values()), x.numel() * x.element_size(), y.shape[0]]
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_sequence_parallel_column_keeps_only_its_shard(tp):
+    """Under SP the column layer's saved input is this rank's [T/tp, B, H] shard, not the gathered [T, B, H]
+    (backward gathers it again); the output still covers the whole sequence."""
+    for saved, shard, out_len in run_distributed(_column_saved_bytes, tp, tp, timeout=60):
+        assert saved == shard and out_len == T
+
+
 def test_padded_vocab_columns_get_no_mass():
     ps = ParallelState.single()
     z = torch.randn(5, V, requires_grad=True)
