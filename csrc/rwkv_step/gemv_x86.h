@@ -24,6 +24,20 @@ __attribute__((target("avx512f"))) inline void store_tile_avx512(__m512 (&acc)[B
   }
 }
 
+// acc[b][c] += w_c * x[b][i + c] for the four inputs i..i+3 of every row b (chain c = input i + c).
+template <int B>
+__attribute__((target("avx512f"), always_inline)) inline void fma4_avx512(__m512 (&acc)[B][4], __m512 w0, __m512 w1,
+                                                                         __m512 w2, __m512 w3, const float* x,
+                                                                         int64_t ldx, int64_t i) {
+  for (int b = 0; b < B; ++b) {
+    const float* xb = x + b * ldx + i;
+    acc[b][0] = _mm512_fmadd_ps(w0, _mm512_set1_ps(xb[0]), acc[b][0]);
+    acc[b][1] = _mm512_fmadd_ps(w1, _mm512_set1_ps(xb[1]), acc[b][1]);
+    acc[b][2] = _mm512_fmadd_ps(w2, _mm512_set1_ps(xb[2]), acc[b][2]);
+    acc[b][3] = _mm512_fmadd_ps(w3, _mm512_set1_ps(xb[3]), acc[b][3]);
+  }
+}
+
 template <int B, bool BF16>
 __attribute__((target("avx512f,avx512bw"))) void gemv_avx512(const Packed& p, const float* x, int64_t ldx, float* y,
                                                              int64_t ldy, int64_t t0, int64_t t1) {
@@ -45,13 +59,7 @@ __attribute__((target("avx512f,avx512bw"))) void gemv_avx512(const Packed& p, co
         const __m512 w1 = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v0));
         const __m512 w2 = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v1));
         const __m512 w3 = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v1));
-        for (int b = 0; b < B; ++b) {
-          const float* xb = x + b * ldx + i;
-          acc[b][0] = _mm512_fmadd_ps(w0, _mm512_set1_ps(xb[0]), acc[b][0]);
-          acc[b][1] = _mm512_fmadd_ps(w1, _mm512_set1_ps(xb[1]), acc[b][1]);
-          acc[b][2] = _mm512_fmadd_ps(w2, _mm512_set1_ps(xb[2]), acc[b][2]);
-          acc[b][3] = _mm512_fmadd_ps(w3, _mm512_set1_ps(xb[3]), acc[b][3]);
-        }
+        fma4_avx512<B>(acc, w0, w1, w2, w3, x, ldx, i);
       }
       for (; i < I; i += 2) {  // the tail, all into chain 0 as in the float32 kernel
         const __m512i v = _mm512_load_si512(w + i * kTile);
@@ -68,13 +76,7 @@ __attribute__((target("avx512f,avx512bw"))) void gemv_avx512(const Packed& p, co
       for (; i < I4; i += 4) {
         const __m512 w0 = _mm512_load_ps(w + i * kTile), w1 = _mm512_load_ps(w + (i + 1) * kTile);
         const __m512 w2 = _mm512_load_ps(w + (i + 2) * kTile), w3 = _mm512_load_ps(w + (i + 3) * kTile);
-        for (int b = 0; b < B; ++b) {
-          const float* xb = x + b * ldx + i;
-          acc[b][0] = _mm512_fmadd_ps(w0, _mm512_set1_ps(xb[0]), acc[b][0]);
-          acc[b][1] = _mm512_fmadd_ps(w1, _mm512_set1_ps(xb[1]), acc[b][1]);
-          acc[b][2] = _mm512_fmadd_ps(w2, _mm512_set1_ps(xb[2]), acc[b][2]);
-          acc[b][3] = _mm512_fmadd_ps(w3, _mm512_set1_ps(xb[3]), acc[b][3]);
-        }
+        fma4_avx512<B>(acc, w0, w1, w2, w3, x, ldx, i);
       }
       for (; i < I; ++i)
         for (int b = 0; b < B; ++b)

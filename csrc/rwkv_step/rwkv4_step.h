@@ -153,6 +153,18 @@ class Rwkv4Step {
 
   static float sigmoid(float z) { return 1.f / (1.f + std::exp(-z)); }
 
+  // Token shift for one row: xn = LayerNorm(x); out[j][at + c] = sx + (xn - sx) * mix[j, c] for each of n
+  // mixes ([n, D]); then the shifted state sx becomes xn. xn: scratch [D].
+  void norm_and_mix(const float* x, const float* ln_w, const float* ln_b, float* sx, const float* mix, int n,
+                    float* const* out, int64_t at, float* xn) const {
+    layer_norm(x, ln_w, ln_b, xn);
+    for (int64_t c = 0; c < D_; ++c) {
+      const float d = xn[c] - sx[c];
+      for (int j = 0; j < n; ++j) out[j][at + c] = sx[c] + d * mix[j * D_ + c];
+      sx[c] = xn[c];
+    }
+  }
+
   // Rows [g, g + nb) of a batch of B through the whole model.
   void run_group(const int64_t* ids, int64_t g, int64_t nb, int64_t B, float* const state[5], float* logits) {
     const int64_t D = D_, F = F_, S = std::max(D, F);  // S: scratch row stride
@@ -166,19 +178,10 @@ class Rwkv4Step {
       const Layer& ly = layers_[i];
       const float* sm = ly.small.data();
       // time mixing: shifted-token mixes, then key / value / receptance in one loop
-      for (int64_t b = 0; b < nb; ++b) {
-        float* sx = state[1] + (i * B + g + b) * D;
-        float* xb = xx + b * S;
-        layer_norm(x + b * S, sm + ly.o_ln1w, sm + ly.o_ln1b, xb);
-        const float* am = sm + ly.o_att_mix;
-        for (int64_t c = 0; c < D; ++c) {
-          const float d = xb[c] - sx[c];
-          mk[b * S + c] = sx[c] + d * am[c];
-          mv[b * S + c] = sx[c] + d * am[D + c];
-          mr[b * S + c] = sx[c] + d * am[2 * D + c];
-          sx[c] = xb[c];
-        }
-      }
+      float* att_mixed[3] = {mk, mv, mr};
+      for (int64_t b = 0; b < nb; ++b)
+        norm_and_mix(x + b * S, sm + ly.o_ln1w, sm + ly.o_ln1b, state[1] + (i * B + g + b) * D, sm + ly.o_att_mix,
+                     3, att_mixed, b * S, xx + b * S);
       Loop kvr{this, batch};
       kvr.add(ly.wk, mk, S, k, S);
       kvr.add(ly.wv, mv, S, v, S);
@@ -211,18 +214,10 @@ class Rwkv4Step {
       for (int64_t b = 0; b < nb; ++b)
         for (int64_t c = 0; c < D; ++c) x[b * S + c] += o[b * S + c];
       // channel mixing: key and receptance in one loop, squared ReLU, value
-      for (int64_t b = 0; b < nb; ++b) {
-        float* sx = state[0] + (i * B + g + b) * D;
-        float* xb = xx + b * S;
-        layer_norm(x + b * S, sm + ly.o_ln2w, sm + ly.o_ln2b, xb);
-        const float* fm = sm + ly.o_ffn_mix;
-        for (int64_t c = 0; c < D; ++c) {
-          const float d = xb[c] - sx[c];
-          mk[b * S + c] = sx[c] + d * fm[c];
-          mr[b * S + c] = sx[c] + d * fm[D + c];
-          sx[c] = xb[c];
-        }
-      }
+      float* ffn_mixed[2] = {mk, mr};
+      for (int64_t b = 0; b < nb; ++b)
+        norm_and_mix(x + b * S, sm + ly.o_ln2w, sm + ly.o_ln2b, state[0] + (i * B + g + b) * D, sm + ly.o_ffn_mix,
+                     2, ffn_mixed, b * S, xx + b * S);
       Loop kr{this, batch};
       kr.add(ly.fk, mk, S, h, S);
       kr.add(ly.fr, mr, S, r, S);
