@@ -8,10 +8,11 @@
 The arithmetic lives in neox/config/plan.py (no torch); FLOPs follow Megatron's formula, documented
 there: model FLOPs = 3 x forward matmul FLOPs; activation checkpointing adds one more forward of the
 layers to the hardware FLOPs. Memory per GPU = params + grads + optimizer state (fp32 master + moments,
-sharded over DP by ZeRO-1) + activations (GPT-NeoX: Korthikanti et al. 2022; RWKV-4: the tensors neox's
-RWKV saves for backward; see docs/planning.md), per pipeline stage; --gpu-mem GiB says whether the
-largest stage fits after keeping --headroom for the CUDA context, NCCL buffers and fragmentation. DP
-comes from --dp, --world-size, the config's world_size / global_num_gpus / num_gpus x num_nodes, else 1.
+sharded over DP by ZeRO-1) + activations (the tensors neox's GPT-NeoX / RWKV-4 save for backward, with
+torch SDPA's CUDA kernel unless --attention-kernel says otherwise; see docs/planning.md), per pipeline
+stage; --gpu-mem GiB says whether the largest stage fits after keeping --headroom for the CUDA context,
+NCCL buffers and fragmentation. DP comes from --dp, --world-size, the config's world_size /
+global_num_gpus / num_gpus x num_nodes, else 1.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from neox.config import (  # noqa: E402
     stage_layer_counts,
     stage_parameters,
 )
-from neox.config.plan import memory_per_gpu  # noqa: E402
+from neox.config.plan import SDPA_KERNELS, memory_per_gpu  # noqa: E402
 
 GIB = 2**30
 
@@ -87,8 +88,9 @@ def world_size_from_files(files: list[str], overrides: list[str]) -> int | None:
 
 
 def plan(cfg: NeoXConfig, world_size: int | None = None, gpu_mem: float | None = None,
-         headroom: float = 0.1) -> dict:
-    """Everything tools/plan.py prints, as a dict (memory at DP 1 when world_size is None)."""
+         headroom: float = 0.1, attention: str | None = None) -> dict:
+    """Everything tools/plan.py prints, as a dict (memory at DP 1 when world_size is None). attention: the
+    SDPA kernel GPT-NeoX's activations assume (None: what CUDA picks for the precision)."""
     m, p = cfg.model, cfg.parallel
     if m.vocab_size is None:
         m.vocab_size = _vocab_from_tokenizer(cfg)
@@ -125,7 +127,7 @@ def plan(cfg: NeoXConfig, world_size: int | None = None, gpu_mem: float | None =
         precision=p.precision, zero_stage=p.zero_stage, sequence_parallel=p.sequence_parallel,
         checkpoint_activations=p.checkpoint_activations, checkpoint_num_layers=p.checkpoint_num_layers,
         virtual=p.virtual_size, partition_method=p.pipe_partition_method, optimizer=cfg.optimizer.optimizer_type,
-        momentum=cfg.optimizer.momentum)
+        momentum=cfg.optimizer.momentum, attention=attention)
     if gpu_mem is not None:
         usable = gpu_mem * GIB * (1 - headroom)
         mem.update(gpu_mem_gib=gpu_mem, headroom=headroom, usable_bytes=usable, fits=mem["max_total"] <= usable,
@@ -146,8 +148,10 @@ def _gib(n: float) -> str:
 
 
 _ACTIVATIONS_NOTE = {
-    "gpt_neox": "  activations: Korthikanti et al. 2022, per layer sbh(10 + 24/t + 5as/(ht)) bytes (TP t; /t overall "
-                "with SP; selective drops 5as/h), x micro-batches in flight under 1F1B; see docs/planning.md",
+    "gpt_neox": "  activations: GPT-NeoX tensors saved for backward, per layer e*sb((3|4)D/q + 7D/t + 2F/t) "
+                "+ 16sb/q + 4sba/t bytes with a fused SDPA kernel (TP t; q = t with SP, else 1; 3D/q with parallel "
+                "residual; no selective recompute: selective = none), x micro-batches in flight under 1F1B; "
+                "head = final-norm input + fused head's d/dh and fp32 d/dW; see docs/planning.md",
     "rwkv": "  activations: RWKV-4 tensors saved for backward, per block e*sb(12D/q + 6D/t + 2F/t) bytes (TP t; "
             "q = t with SP, else 1; no selective recompute: selective = none), x micro-batches in flight under "
             "1F1B; head = ln_out input + fused head's d/dh and fp32 d/dW; see docs/planning.md",
@@ -170,6 +174,11 @@ def render_memory(mem: dict) -> list[str]:
         f"  {'stage':>5} {'params':>7} {'in-flight':>9} | {'params':>6} {'grads':>6} {'optim ZeRO-1 / none':>19} | "
         f"{'activations none / selective / full ckpt':>40} {'head':>5} | {'total':>6}",
     ]
+    if mem.get("attention_kernel") is not None:
+        per_layer = mem["layer_activations"]
+        lines.insert(2, f"  SDPA kernel {mem['attention_kernel']}: {per_layer['none'] / 2**20:,.1f} MiB per layer and "
+                        f"micro-batch; Korthikanti et al. 2022 per layer (Megatron's kernels, s x s scores kept): "
+                        f"{per_layer['korthikanti'] / 2**20:,.1f} MiB")
     for st in mem["stages"]:
         acts = st["activations"]
         act_txt = f"{_gib(acts['none'])} / {_gib(acts['selective'])} / {_gib(acts['full'])}"
@@ -233,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu-mem", type=float, default=None, help="GiB per GPU: say whether the plan fits")
     ap.add_argument("--headroom", type=float, default=0.1,
                     help="fraction of --gpu-mem kept for CUDA context, NCCL buffers, fragmentation (default 0.1)")
+    ap.add_argument("--attention-kernel", choices=SDPA_KERNELS, default=None,
+                    help="torch SDPA kernel GPT-NeoX's activations assume: flash (also cuDNN; CUDA's choice for "
+                         "fp16/bf16), efficient (CUDA's for fp32), math (keeps the s x s probabilities); "
+                         "default: CUDA's choice for the config's precision")
     args = ap.parse_args(argv)
     # `-c a.yml k=v` : argparse hands the override to -c; move it back.
     files = [c for c in args.config if "=" not in c or Path(c).is_file()]
@@ -252,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         elif world_size is None:
             world_size = world_size_from_files(files, overrides)
         cfg.validate(world_size)
-        info = plan(cfg, world_size, args.gpu_mem, args.headroom)
+        info = plan(cfg, world_size, args.gpu_mem, args.headroom, args.attention_kernel)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,8 +9,9 @@ RWKV-4 (no biases): emb [Vpad, D], ln0 2D (block 0), per block ln1/ln2 (2D each)
     time_decay/time_first/time_mix_{k,v,r} (5D) + key/value/receptance/output [D, D],
     channel mixing time_mix_{k,r} (2D) + key [F, D], receptance [D, D], value [D, F]; ln_out 2D; head
     (always untied). Under TP the matrices and time_decay/time_first split, the rest is replicated.
-Activations: GPT-NeoX per Korthikanti et al. 2022; RWKV-4 per tensor that neox's RWKV keeps for backward
-(`rwkv_layer_activation_bytes`; tests/unit/test_plan_rwkv.py measures them with saved-tensor hooks).
+Activations: per tensor that neox's models keep for backward (`gpt_neox_layer_activation_bytes`,
+`rwkv_layer_activation_bytes`; tests/unit/test_plan_gpt_neox.py and test_plan_rwkv.py measure them with
+saved-tensor hooks). Korthikanti et al. 2022 (`layer_activation_bytes`) is kept for comparison only.
 """
 
 from __future__ import annotations
@@ -168,7 +169,8 @@ def model_state_bytes(params: int, precision: str, dp: int = 1, zero_stage: int 
 
 def layer_activation_bytes(s: int, b: int, h: int, a: int, f: int | None = None, tp: int = 1,
                            sequence_parallel: bool = False, selective: bool = False, act_bytes: int = 2) -> float:
-    """Activations one transformer layer keeps for backward, per micro-batch, on one TP rank.
+    """Activations one Megatron transformer layer keeps for backward, per micro-batch, on one TP rank: the
+    paper's number, kept for comparison (neox's own layer is `gpt_neox_layer_activation_bytes`).
 
     Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models" (Sec. 4),
     with 16-bit activations (act_bytes e = 2), 1-byte dropout masks and F = 4h:
@@ -195,6 +197,117 @@ def layer_activation_bytes(s: int, b: int, h: int, a: int, f: int | None = None,
 # measurement tests pass those sizes explicitly.)
 NORM_STAT_BYTES = 4
 MASK_BYTES = 1
+
+# ------------------------------------------------------------------------------------- GPT-NeoX activations
+# torch SDPA kernels as the planner names them. neox calls F.scaled_dot_product_attention(q, k, v,
+# is_causal=True) with no mask in training. On CUDA, 16-bit inputs with head_dim <= 256 (a multiple of 8) go to
+# a fused kernel: cuDNN on sm90/sm100 with recent torch and cuDNN, else FlashAttention-2; fp32 (or a head
+# dim flash refuses) goes to the memory-efficient kernel. All three keep their inputs q, k, v, the output and
+# an fp32 logsumexp per head and query ("flash"; "efficient" pads the queries to a multiple of 32), plus a
+# philox seed and offset with dropout. The math fallback ("math", what CPU runs with dropout) forms the
+# s x s probabilities, in fp32 for 16-bit inputs (torch upcasts unless allow_fp16_bf16_reduction_math_sdp).
+SDPA_KERNELS = ("flash", "efficient", "math")
+SDPA_RNG_BYTES = 16  # philox seed and offset (int64 each) a fused kernel keeps when it drops
+
+
+def default_attention_kernel(act_bytes: int) -> str:
+    """The SDPA kernel CUDA runs for neox's causal attention: a 16-bit fused one, else memory-efficient."""
+    return "flash" if act_bytes == 2 else "efficient"
+
+
+def gpt_neox_attention_bytes(s: int, b: int, d: int, heads: int, tp: int = 1, act_bytes: int = 2, *,
+                             kernel: str = "flash", dropout: bool = False, attn_mask_bytes: int = MASK_BYTES) -> float:
+    """Bytes neox's attention core keeps for backward on one TP rank (heads/t heads), per micro-batch: from the
+    fused qkv output to the SDPA output (neox.models.gpt_neox.model.SelfAttention, neox.ops.causal_attention).
+
+    Fused kernels ("flash", "efficient"; e = act_bytes, a = heads):
+        q and k after rotary       2 e sbD/t   apply_rotary's cat makes new tensors, whatever rotary_pct
+        qkv output                 3 e sbD/t   v is a view of it, so SDPA's saved v keeps all of it alive
+        SDPA output                  e sbD/t
+        logsumexp                  4 b a s'/t  fp32; s' = s ("flash", cuDNN), s rounded up to 32 ("efficient")
+        philox seed + offset       16 B        with attention dropout
+    "math" (c = max(e, 4): 16-bit inputs are upcast): scaled q, k and a copy of v, 3 c sbD/t (the rotated q, k
+    and the qkv output are then freed); the probabilities c a s^2 b/t; with dropout its mask (attn_mask_bytes)
+    and the dropped probabilities, (attn_mask_bytes + c) a s^2 b/t.
+    """
+    if kernel not in SDPA_KERNELS:
+        raise ConfigError(f"attention kernel {kernel!r} has no memory model; use one of {', '.join(SDPA_KERNELS)}")
+    sbd, ah = s * b * d / tp, heads / tp
+    if kernel == "math":
+        c, scores = max(act_bytes, 4), ah * s * s * b
+        return 3 * c * sbd + c * scores + ((attn_mask_bytes + c) * scores if dropout else 0)
+    rows = s if kernel == "flash" else -(-s // 32) * 32
+    return 6 * act_bytes * sbd + 4 * b * ah * rows + (SDPA_RNG_BYTES if dropout else 0)
+
+
+def gpt_neox_layer_activation_bytes(s: int, b: int, d: int, heads: int, f: int, tp: int = 1,
+                                    sequence_parallel: bool = False, act_bytes: int = 2, *,
+                                    parallel_residual: bool = False, hidden_dropout: bool = False,
+                                    attention_dropout: bool = False, attention: str = "flash",
+                                    stat_bytes: int = NORM_STAT_BYTES, mask_bytes: int = MASK_BYTES,
+                                    attn_mask_bytes: int = MASK_BYTES) -> float:
+    """Bytes one GPT-NeoX layer (neox.models.gpt_neox) keeps for backward, per micro-batch, on one TP rank.
+
+    Counted per tensor autograd saves (e = act_bytes; q = t with sequence parallelism, else 1):
+        input_norm input x, its output (the qkv layer's input), post_attention_norm output (the h->F layer's
+        input); sequential residual also x + attn (post_attention_norm's input; the parallel form normalises
+        x again)                                      (3 or 4) e sbD/q   under SP the column layers keep only
+                                                                         their sequence shard
+        LayerNorm mean and rstd, two norms            4 stat sb/q
+        hidden dropout masks (hidden_dropout only)    2 mask sbD/q
+        dense input (this rank's heads)               e sbD/t
+        h->F output (GeLU input), GeLU output         2 e sbF/t
+        attention core                                `gpt_neox_attention_bytes` (kernel `attention`)
+    rotary_pct does not enter: the rotated q and k are whole new tensors either way, and the cos/sin tables
+    are shared by a stage's layers (`gpt_neox_rotary_bytes`). neox has no selective recompute.
+    """
+    q = tp if sequence_parallel else 1
+    sb = s * b
+    replicated = (act_bytes * sb * d * (3 if parallel_residual else 4) + 4 * stat_bytes * sb
+                  + (2 * mask_bytes * sb * d if hidden_dropout else 0)) / q
+    split = act_bytes * sb * (d + 2 * f) / tp
+    attn = gpt_neox_attention_bytes(s, b, d, heads, tp, act_bytes, kernel=attention, dropout=attention_dropout,
+                                    attn_mask_bytes=attn_mask_bytes)
+    return replicated + split + attn
+
+
+def gpt_neox_rotary_bytes(s: int, rotary_dim: int, act_bytes: int = 2) -> float:
+    """The cos and sin tables [1, s, rotary_dim] (activation dtype) that every layer's rotary multiplies by:
+    made once per forward of a pipeline stage (model chunk) and kept until its backward, checkpointed or not."""
+    return 2 * act_bytes * s * rotary_dim
+
+
+def embedding_activation_bytes(s: int, b: int, d: int, tp: int = 1, sequence_parallel: bool = False, *,
+                               dropout: bool = False, mask_bytes: int = MASK_BYTES) -> float:
+    """What the input embedding keeps (first stage, outside activation checkpointing), both families: the
+    int64 token ids of the lookup (under TP its shard-local ids and the bool out-of-shard mask), and the
+    embedding dropout mask when hidden_dropout > 0."""
+    q = tp if sequence_parallel else 1
+    ids = 8 * s * b + (s * b if tp > 1 else 0)
+    return ids + (mask_bytes * s * b * d / q if dropout else 0)
+
+
+def _norm_input_bytes(s: int, b: int, d: int, tp: int, sequence_parallel: bool, act_bytes: int,
+                      stat_bytes: int) -> float:
+    q = tp if sequence_parallel else 1
+    return (act_bytes * d + 2 * stat_bytes) * s * b / q
+
+
+def _fused_head_bytes(s: int, b: int, d: int, vpad: int, tp: int, sequence_parallel: bool, act_bytes: int,
+                      stat_bytes: int) -> float:
+    """Final norm input and stats, then megatron_ext's vocab_parallel_linear_cross_entropy_sum: no logits, but
+    the gradients it forms in forward: d/dh over the whole sequence (also under SP) and fp32 d/dW of the shard."""
+    return (_norm_input_bytes(s, b, d, tp, sequence_parallel, act_bytes, stat_bytes)
+            + act_bytes * s * b * d + 4 * vpad * d / tp)
+
+
+def gpt_neox_head_activation_bytes(s: int, b: int, d: int, vpad: int, tp: int = 1, sequence_parallel: bool = False,
+                                   act_bytes: int = 2, stat_bytes: int = NORM_STAT_BYTES) -> float:
+    """GPT-NeoX's output head for one micro-batch on the last stage, as training runs it (GPTNeoX.forward_loss,
+    the fused chunked head): final_norm's input e*sbD/q and stats, the head's d/dh e*sbD (the whole sequence,
+    also under SP) and fp32 d/dW of the vocab shard 4*Vpad*D/t (tied or not). No fp32 softmax over the vocab."""
+    return _fused_head_bytes(s, b, d, vpad, tp, sequence_parallel, act_bytes, stat_bytes)
+
 
 
 def rwkv_layer_activation_bytes(s: int, b: int, d: int, f: int, tp: int = 1, sequence_parallel: bool = False,
@@ -228,21 +341,13 @@ def rwkv_layer_activation_bytes(s: int, b: int, d: int, f: int, tp: int = 1, seq
     return big + small + const
 
 
-def rwkv_embedding_activation_bytes(s: int, b: int, d: int, tp: int = 1, sequence_parallel: bool = False, *,
-                                    dropout: bool = False, mask_bytes: int = MASK_BYTES) -> float:
-    """What RWKV's embedding keeps (first stage, outside activation checkpointing): the int64 token ids
-    of the lookup (under TP its shard-local ids and the bool out-of-shard mask), and the embedding
-    dropout mask when hidden_dropout > 0."""
-    q = tp if sequence_parallel else 1
-    ids = 8 * s * b + (s * b if tp > 1 else 0)
-    return ids + (mask_bytes * s * b * d / q if dropout else 0)
+rwkv_embedding_activation_bytes = embedding_activation_bytes  # RWKV's embedding keeps the same tensors
 
 
 def rwkv_norm_input_bytes(s: int, b: int, d: int, tp: int = 1, sequence_parallel: bool = False,
                           act_bytes: int = 2, stat_bytes: int = NORM_STAT_BYTES) -> float:
     """A LayerNorm outside the blocks' count (block 0's ln0, the last stage's ln_out): input and stats."""
-    q = tp if sequence_parallel else 1
-    return (act_bytes * d + 2 * stat_bytes) * s * b / q
+    return _norm_input_bytes(s, b, d, tp, sequence_parallel, act_bytes, stat_bytes)
 
 
 def rwkv_head_activation_bytes(s: int, b: int, d: int, vpad: int, tp: int = 1, sequence_parallel: bool = False,
@@ -252,8 +357,7 @@ def rwkv_head_activation_bytes(s: int, b: int, d: int, vpad: int, tp: int = 1, s
     keeps no logits but the gradients it forms in forward until backward: d/dh for all s*b tokens in the
     activation dtype, e*sbD (whole sequence, also under SP), and d/dW of the vocab shard in fp32, 4*Vpad*D/t.
     """
-    return (rwkv_norm_input_bytes(s, b, d, tp, sequence_parallel, act_bytes, stat_bytes)
-            + act_bytes * s * b * d + 4 * vpad * d / tp)
+    return _fused_head_bytes(s, b, d, vpad, tp, sequence_parallel, act_bytes, stat_bytes)
 
 
 def microbatches_in_flight(pp: int, stage: int, grad_accum: int, virtual: int = 1) -> int:
@@ -278,49 +382,53 @@ def memory_per_gpu(m: ModelConfig, *, tp: int = 1, pp: int = 1, dp: int = 1, mic
                    grad_accum: int = 1, precision: str = "fp16", zero_stage: int = 0,
                    sequence_parallel: bool = False, checkpoint_activations: bool = False,
                    checkpoint_num_layers: int = 1, virtual: int = 1, partition_method: str = "uniform",
-                   optimizer: str = "Adam", momentum: float = 0.0) -> dict:
+                   optimizer: str = "Adam", momentum: float = 0.0, attention: str | None = None) -> dict:
     """Bytes per GPU on each pipeline stage: model states (with and without ZeRO-1) and activations for
     no recompute, selective recompute and full activation checkpointing.
 
-    Activations of a stage = (model chunks in flight) x (its layers) x layer_activation_bytes, except with
-    full checkpointing: each chunk of `checkpoint_num_layers` layers keeps only its input, e*sbh (/t with
-    SP), plus one chunk's full working set while it is recomputed in backward. The last stage adds the
-    output head for one micro-batch: the final norm's input e*sbh (/t with SP), the head's input e*sbh
-    and the fp32 softmax over the vocab shard that neox's vocab-parallel cross entropy saves,
-    4*s*b*Vpad/t (neox computes the loss over the whole sequence, not in chunks). The embedding output is
-    layer 0's input, already counted. `total` uses the config's choices (ZeRO stage, checkpointing).
+    Activations of a stage = (model chunks in flight) x (its layers x the layer's bytes + per-chunk extras),
+    except with full checkpointing: each chunk of `checkpoint_num_layers` layers keeps only its input, e*sbD
+    (/t with SP), plus one chunk's full working set while it is recomputed in backward. The embedding output
+    is layer 0's input, already counted. `total` uses the config's choices (ZeRO stage, checkpointing).
+    Neither family has selective recompute in neox, so the "selective" column equals "none".
 
-    RWKV-4: per block `rwkv_layer_activation_bytes` (selective = none: no attention scores to drop); full
-    checkpointing is the same mechanism as GPT-NeoX (neox.models.parallel.checkpoint_with_rng over
-    chunks). The first stage adds per micro-batch in flight the embedding's ids (and dropout mask) and
-    block 0's ln0 input (inside chunk 0, so with full checkpointing counted once, in the recompute working
-    set); the last stage adds `rwkv_head_activation_bytes`.
+    GPT-NeoX: per layer `gpt_neox_layer_activation_bytes` with the SDPA kernel `attention` (None: what CUDA
+    runs, `default_attention_kernel`); every stage adds per chunk in flight the rotary cos/sin tables
+    (`gpt_neox_rotary_bytes`, outside the checkpointed chunks), the first stage the embedding's ids (and
+    dropout mask), the last stage `gpt_neox_head_activation_bytes` (the fused head, no logits).
+    RWKV-4: per block `rwkv_layer_activation_bytes`; the first stage adds per micro-batch in flight the
+    embedding's ids (and dropout mask) and block 0's ln0 input (inside chunk 0, so with full checkpointing
+    counted once, in the recompute working set); the last stage adds `rwkv_head_activation_bytes`.
+    Korthikanti et al.'s per-layer number is reported beside neox's (`layer_activations["korthikanti"]`).
     """
     layers = stage_layer_counts(m, pp, partition_method, tp)
     params = stage_parameters(m, tp, pp, partition_method)
     e = PRECISION_BYTES[precision][0] if precision in PRECISION_BYTES else 2
     s, b, h = m.seq_length, micro_batch, m.hidden_size
-    sbh = s * b * h
     q = tp if sequence_parallel else 1
-    rwkv = m.model_type == "rwkv"
-    first_outside = first_inside = 0.0  # first stage: outside / inside the checkpointed chunks
-    if rwkv:
-        dropout = m.hidden_dropout > 0
+    vpad = m.padded_vocab_size(tp)
+    dropout = m.hidden_dropout > 0
+    # first stage: outside / inside the checkpointed chunks; every stage: outside, per chunk in flight
+    first_outside = embedding_activation_bytes(s, b, h, tp, sequence_parallel, dropout=dropout)
+    first_inside = every_chunk = 0.0
+    kernel = None
+    if m.model_type == "rwkv":
         layer = rwkv_layer_activation_bytes(s, b, h, m.ffn_size, tp, sequence_parallel, e, dropout=dropout)
-        first_outside = rwkv_embedding_activation_bytes(s, b, h, tp, sequence_parallel, dropout=dropout)
         first_inside = rwkv_norm_input_bytes(s, b, h, tp, sequence_parallel, e)
-        per_layer = {"none": layer, "selective": layer, "checkpoint_input": e * sbh / q,
+        per_layer = {"none": layer, "selective": layer, "checkpoint_input": e * s * b * h / q,
                      "embedding": first_outside, "ln0": first_inside}
-        head = rwkv_head_activation_bytes(s, b, h, m.padded_vocab_size(tp), tp, sequence_parallel, e)
+        head = rwkv_head_activation_bytes(s, b, h, vpad, tp, sequence_parallel, e)
     else:
-        per_layer = {
-            "none": layer_activation_bytes(s, b, h, m.num_attention_heads, m.ffn_size, tp, sequence_parallel,
-                                           False, e),
-            "selective": layer_activation_bytes(s, b, h, m.num_attention_heads, m.ffn_size, tp,
-                                                sequence_parallel, True, e),
-            "checkpoint_input": e * sbh / q,
-        }
-        head = e * sbh / q + e * sbh + 4 * s * b * m.padded_vocab_size(tp) / tp
+        kernel = attention or default_attention_kernel(e)
+        a = m.num_attention_heads
+        layer = gpt_neox_layer_activation_bytes(
+            s, b, h, a, m.ffn_size, tp, sequence_parallel, e, parallel_residual=m.gpt_j_residual,
+            hidden_dropout=dropout, attention_dropout=m.attention_dropout > 0, attention=kernel)
+        every_chunk = gpt_neox_rotary_bytes(s, m.rotary_dim, e)
+        per_layer = {"none": layer, "selective": layer, "checkpoint_input": e * s * b * h / q,
+                     "embedding": first_outside, "rotary": every_chunk,
+                     "korthikanti": layer_activation_bytes(s, b, h, a, m.ffn_size, tp, sequence_parallel, False, e)}
+        head = gpt_neox_head_activation_bytes(s, b, h, vpad, tp, sequence_parallel, e)
     k = checkpoint_num_layers
     stages = []
     for r in range(pp):
@@ -331,6 +439,7 @@ def memory_per_gpu(m: ModelConfig, *, tp: int = 1, pp: int = 1, dp: int = 1, mic
         # with interleaving only chunk 0 of stage 0 holds the embedding: counting it for every chunk in
         # flight overestimates by a few sbD-sized tensors
         out_, in_ = (first_outside, first_inside) if r == 0 else (0.0, 0.0)
+        out_ += every_chunk
         acts = {
             "none": inflight * (n * per_layer["none"] + out_ + in_),
             "selective": inflight * (n * per_layer["selective"] + out_ + in_),
@@ -349,5 +458,6 @@ def memory_per_gpu(m: ModelConfig, *, tp: int = 1, pp: int = 1, dp: int = 1, mic
         "model_type": m.model_type, "precision": precision, "activation_bytes": e, "dp": dp, "zero_stage": zero_stage,
         "micro_batch": micro_batch, "sequence_parallel": sequence_parallel, "virtual": virtual,
         "checkpoint_activations": checkpoint_activations, "checkpoint_num_layers": k, "optimizer": optimizer,
-        "layer_activations": per_layer, "stages": stages, "max_stage": worst, "max_total": stages[worst]["total"],
+        "attention_kernel": kernel, "layer_activations": per_layer, "stages": stages, "max_stage": worst,
+        "max_total": stages[worst]["total"],
     }

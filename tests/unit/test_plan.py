@@ -1,7 +1,8 @@
 """The planner's analytic counts against independent references: published totals, transformers'
 GPTNeoX, our own model's parameters (when neox.models is importable), a brute-force partition; memory
-against the activation formulas of Korthikanti et al. 2022 worked by hand and the pipeline schedules
-megatron_ext runs."""
+against per-tensor activation arithmetic worked by hand (what neox's GPT-NeoX saves for backward; the
+measurement itself is tests/unit/test_plan_gpt_neox.py), the formulas of Korthikanti et al. 2022 (kept for
+comparison) worked by hand, and the pipeline schedules megatron_ext runs."""
 
 from __future__ import annotations
 
@@ -22,7 +23,13 @@ from neox.config import (
     stage_layer_counts,
     stage_parameters,
 )
-from neox.config.plan import layer_activation_bytes, memory_per_gpu, microbatches_in_flight, model_state_bytes
+from neox.config.plan import (
+    gpt_neox_layer_activation_bytes,
+    layer_activation_bytes,
+    memory_per_gpu,
+    microbatches_in_flight,
+    model_state_bytes,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -163,9 +170,19 @@ def test_flops_match_megatron_formula():
 
 # ------------------------------------------------------------------------------------------------ memory
 
-# A small GPT-NeoX: s = 32, b = 2, h = 64, a = 4, L = 4, F = 4h, vocab 1000 (padded to 1024 at TP 2).
+# A small GPT-NeoX: s = 32, b = 2, h = 64, a = 4, L = 4, F = 4h, vocab 1000 (padded to 1024 at TP 2),
+# sequential residual, rotary on all 16 dims of each head.
 MEM = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=1000,
                   no_weight_tying=True)
+SBH = 32 * 2 * 64  # 4096
+# One layer at TP 2, fp16 (e = 2), fused SDPA kernel, per tensor neox saves (sbh units of bytes):
+#   replicated: input_norm input, its output, x + attn, post_attention_norm output   4 x 2      = 8
+#   split over TP: dense input 2/2, h->4h output and GeLU output 2 x 2 x 4/2           1 + 8    = 9
+#   attention: rotated q, k, the qkv output (v is a view of it), SDPA output 6 x 2/2          = 6
+#   plus fp32 LayerNorm mean/rstd 4 x 4 x sb = 1024 and the fp32 logsumexp 4 x b x a/t x s = 512
+LAYER_TP2 = 23 * SBH + 1024 + 512
+ROTARY = 2 * 2 * 32 * 16  # cos and sin [s, 16] in fp16, per stage and micro-batch
+EMBED_TP2 = 8 * 32 * 2 + 32 * 2  # int64 shard-local ids + the bool out-of-shard mask
 
 
 def test_layer_activations_by_hand():
@@ -192,36 +209,42 @@ def test_stage_memory_by_hand():
     """TP 2, PP 2 (2 layers a stage), micro-batch 2, 8 micro-batches, fp16, DP 4, ZeRO-1."""
     common = dict(tp=2, pp=2, dp=4, micro_batch=2, grad_accum=8, precision="fp16", zero_stage=1)
     mem = memory_per_gpu(MEM, **common)
+    assert mem["attention_kernel"] == "flash"  # what CUDA runs for fp16
+    assert mem["layer_activations"]["none"] == LAYER_TP2 == gpt_neox_layer_activation_bytes(32, 2, 64, 4, 256, 2)
+    assert mem["layer_activations"]["korthikanti"] == 4096 * 27  # the paper's, for comparison only
     first, last = mem["stages"]
-    per_layer = 4096 * 27  # TP 2, from the test above
+    per_layer = LAYER_TP2
     assert first["in_flight"] == 2 and last["in_flight"] == 1  # 1F1B: stage r holds p - r micro-batches
-    assert first["activations"]["none"] == 2 * 2 * per_layer  # 2 micro-batches x 2 layers
-    assert first["activations"]["selective"] == 2 * 2 * 4096 * 22
-    # full checkpointing: 2sbh per layer and micro-batch, plus one layer's working set in recompute
-    assert first["activations"]["full"] == 2 * 2 * (2 * 4096) + per_layer
-    assert last["activations"]["full"] == 1 * 2 * (2 * 4096) + per_layer
-    # output head on the last stage: final-norm input 2sbh + head input 2sbh + fp32 softmax 4*s*b*Vpad/t
+    # 2 micro-batches x (2 layers + the embedding's ids + the stage's rotary tables)
+    assert first["activations"]["none"] == 2 * (2 * per_layer + EMBED_TP2 + ROTARY)
+    assert first["activations"]["selective"] == first["activations"]["none"]  # neox has no selective recompute
+    # full checkpointing: 2sbh per layer and micro-batch (+ ids and tables, outside the chunks), plus one
+    # layer's working set in recompute
+    assert first["activations"]["full"] == 2 * (2 * (2 * 4096) + EMBED_TP2 + ROTARY) + per_layer
+    assert last["activations"]["full"] == 1 * (2 * (2 * 4096) + ROTARY) + per_layer
+    # output head on the last stage (fused, no logits): final-norm input 2sbh + fp32 mean/rstd 8sb, the
+    # head's d/dh 2sbh, its fp32 d/dW over the vocab shard 4 * Vpad/t * h
+    head = 2 * 4096 + 8 * 32 * 2 + 2 * 4096 + 4 * 1024 // 2 * 64
     assert first["head_activations"] == 0
-    assert last["head_activations"] == 2 * 4096 + 2 * 4096 + 4 * 32 * 2 * 1024 / 2
+    assert last["head_activations"] == head
     # model states: 2 B params + 2 B grads + 12 B (fp32 master, Adam m, v) / DP 4 with ZeRO-1
     n = stage_parameters(MEM, 2, 2)[0]
     assert first["parameters"] == n
     assert (first["params"], first["grads"], first["optimizer"]) == (2 * n, 2 * n, 12 * n / 4)
-    assert first["total"] == 2 * n + 2 * n + 3 * n + 2 * 2 * per_layer  # checkpointing off by default
+    assert first["total"] == 2 * n + 2 * n + 3 * n + 2 * (2 * per_layer + EMBED_TP2 + ROTARY)  # no ckpt by default
     ckpt = memory_per_gpu(MEM, **common, checkpoint_activations=True)["stages"][1]
     n_last = stage_parameters(MEM, 2, 2)[1]
-    assert ckpt["total"] == 2 * n_last + 2 * n_last + 3 * n_last + (2 * (2 * 4096) + per_layer) + (
-        2 * 4096 + 2 * 4096 + 4 * 32 * 2 * 1024 / 2)
+    assert ckpt["total"] == 2 * n_last + 2 * n_last + 3 * n_last + (2 * (2 * 4096) + ROTARY + per_layer) + head
 
 
 def test_interleaved_first_stage_factor():
-    """Interleaved 1F1B: first stage = p micro-batches x L/p layers x (1 + (p-1)/(pv)) (paper eq. 6)."""
+    """Interleaved 1F1B: first stage = p micro-batches x L/p layers x (1 + (p-1)/(pv)) (paper eq. 6), i.e.
+    pv + p - 1 model chunks in flight, each with its rotary tables (and, overestimated, the embedding's ids)."""
     m = dataclasses.replace(MEM, num_layers=8)
     for p, v in [(2, 2), (2, 4), (4, 2)]:
         got = memory_per_gpu(m, tp=2, pp=p, virtual=v, micro_batch=2, grad_accum=4 * p)
-        per_layer = 4096 * 27
         assert got["stages"][0]["activations"]["none"] == pytest.approx(
-            p * (8 / p) * per_layer * (1 + (p - 1) / (p * v)), rel=1e-12)
+            p * (8 / p) * LAYER_TP2 * (1 + (p - 1) / (p * v)) + (p * v + p - 1) * (EMBED_TP2 + ROTARY), rel=1e-12)
 
 
 def _peak_in_flight(order) -> int:
@@ -250,13 +273,19 @@ def test_memory_relations():
     cfg = load_config([str(ROOT / "configs/20B.yml")])
     m = cfg.model
     base = dict(tp=2, pp=4, micro_batch=4, grad_accum=32, precision="fp16")
-    # sequence parallelism divides each layer's activations by t (exactly, for every t)
+    # sequence parallelism divides each layer's activations by t (exactly, for every t), in the paper's
+    # formula and in neox's
     for t in (2, 4, 8):
         assert layer_activation_bytes(2048, 4, 6144, 64, tp=t, sequence_parallel=True) == pytest.approx(
             layer_activation_bytes(2048, 4, 6144, 64) / t, rel=1e-12)
-    # full checkpointing stores far less than no recompute; selective sits in between
+        assert gpt_neox_layer_activation_bytes(2048, 4, 6144, 64, 24576, t, True) == pytest.approx(
+            gpt_neox_layer_activation_bytes(2048, 4, 6144, 64, 24576) / t, rel=1e-12)
+    # full checkpointing stores far less than no recompute; neox has no selective recompute
     acts = memory_per_gpu(m, **base)["stages"][0]["activations"]
-    assert acts["full"] < acts["none"] / 10 and acts["full"] < acts["selective"] < acts["none"]
+    assert acts["full"] < acts["none"] / 5 and acts["selective"] == acts["none"]
+    # neox's fused attention keeps no s x s scores: well under the paper's layer, which keeps them
+    per_layer = memory_per_gpu(m, **base)["layer_activations"]
+    assert per_layer["none"] < per_layer["korthikanti"] / 3
     # ZeRO-1 optimizer bytes are the unsharded ones over DP; params and grads do not shrink
     for dp in (1, 3, 12):
         zero = memory_per_gpu(m, **base, dp=dp, zero_stage=1)["stages"][0]
