@@ -222,7 +222,7 @@ def gpt_neox_attention_bytes(s: int, b: int, d: int, heads: int, tp: int = 1, ac
 
     Fused kernels ("flash", "efficient"; e = act_bytes, a = heads):
         q and k after rotary       2 e sbD/t   apply_rotary's cat makes new tensors, whatever rotary_pct
-        qkv output                 3 e sbD/t   v is a view of it, so SDPA's saved v keeps all of it alive
+        v                            e sbD/t   its own copy: a view would keep the whole qkv output alive
         SDPA output                  e sbD/t
         logsumexp                  4 b a s'/t  fp32; s' = s ("flash", cuDNN), s rounded up to 32 ("efficient")
         philox seed + offset       16 B        with attention dropout
@@ -237,7 +237,7 @@ def gpt_neox_attention_bytes(s: int, b: int, d: int, heads: int, tp: int = 1, ac
         c, scores = max(act_bytes, 4), ah * s * s * b
         return 3 * c * sbd + c * scores + ((attn_mask_bytes + c) * scores if dropout else 0)
     rows = s if kernel == "flash" else -(-s // 32) * 32
-    return 6 * act_bytes * sbd + 4 * b * ah * rows + (SDPA_RNG_BYTES if dropout else 0)
+    return 4 * act_bytes * sbd + 4 * b * ah * rows + (SDPA_RNG_BYTES if dropout else 0)
 
 
 def gpt_neox_layer_activation_bytes(s: int, b: int, d: int, heads: int, f: int, tp: int = 1,

@@ -178,9 +178,9 @@ SBH = 32 * 2 * 64  # 4096
 # One layer at TP 2, fp16 (e = 2), fused SDPA kernel, per tensor neox saves (sbh units of bytes):
 #   replicated: input_norm input, its output, x + attn, post_attention_norm output   4 x 2      = 8
 #   split over TP: dense input 2/2, h->4h output and GeLU output 2 x 2 x 4/2           1 + 8    = 9
-#   attention: rotated q, k, the qkv output (v is a view of it), SDPA output 6 x 2/2          = 6
+#   attention: rotated q, k, the copy of v, SDPA output                      4 x 2/2          = 4
 #   plus fp32 LayerNorm mean/rstd 4 x 4 x sb = 1024 and the fp32 logsumexp 4 x b x a/t x s = 512
-LAYER_TP2 = 23 * SBH + 1024 + 512
+LAYER_TP2 = 21 * SBH + 1024 + 512
 ROTARY = 2 * 2 * 32 * 16  # cos and sin [s, 16] in fp16, per stage and micro-batch
 EMBED_TP2 = 8 * 32 * 2 + 32 * 2  # int64 shard-local ids + the bool out-of-shard mask
 

@@ -91,7 +91,10 @@ class SelfAttention(nn.Module):
         b, t, _ = qkv.shape
         qkv = qkv.view(b, t, self.num_heads, 3, self.head_dim)  # [B, T, Hl, 3, Dh]
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [B, Hl, T, Dh]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # new tensors
+        # v is a view of the fused qkv output: the attention would save it and so keep all three alive for
+        # backward. Its own copy frees qkv (2/3 of it, e*s*b*D/t per layer) for the price of one small copy.
+        v = v.contiguous()
         if kv_cache is not None:
             k, v = kv_cache(k, v)  # [B, Hl, Tk, Dh]
         dropping = self.training and self.dropout_p > 0
