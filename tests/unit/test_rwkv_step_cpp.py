@@ -74,7 +74,7 @@ def _supported(isa):
     if isa == "generic":
         return True
     flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
-    return {"avx512": {"avx512f"}, "avx2": {"avx2", "fma"}}[isa] <= flags
+    return {"avx512": {"avx512f", "avx512bw"}, "avx2": {"avx2", "fma"}}[isa] <= flags
 
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
