@@ -4,10 +4,11 @@
     python tools/reshard.py --input runs/x --output runs/x_tp4 --tp 4 --pp 1 --dp 2   # follows 'latest'
 
 Writes OUTPUT/global_stepN (same N) and OUTPUT/latest: model shards for the new layout (vocabulary
-rows re-padded for the new TP) and the optimizer state in a layout-independent form that any DP size,
-with or without ZeRO-1, loads; the data position and iteration (hence the LR step) carry over. Point
-the run's `load` at OUTPUT. Tensors are streamed one at a time: peak memory is a few times the largest
-tensor, not the model. Per-rank RNG states are not carried over (see neox/checkpoint/reshard.py).
+rows re-padded for the new TP) and the optimizer state in a layout-independent form that any DP size
+loads, with or without ZeRO-1 or FSDP (ZeRO-2/3), whichever wrote it; the data position and iteration
+(hence the LR step) carry over. Point the run's `load` at OUTPUT. Tensors are streamed one at a time:
+peak memory is a few times the largest tensor, not the model. Per-rank RNG states are not carried over
+(see neox/checkpoint/reshard.py).
 """
 
 from __future__ import annotations

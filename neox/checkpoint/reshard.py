@@ -10,8 +10,10 @@ is the stage whose layer range holds ``i`` (the split of ``neox.training.engine.
 
 Optimizer state is written in the layout-independent "universal" form of
 ``neox.checkpoint.training_state`` (whole TP-local tensors per parameter and state key), which any DP
-size, with or without ZeRO-1, loads. The source may be native (per-rank files plus their slot index)
-or universal.
+size loads, without ZeRO, with ZeRO-1 or with FSDP (ZeRO-2/3). The source may be native (per-rank
+files plus their slot index) or universal. Native pieces, whatever wrote them, are flat ranges of the
+TP-local tensor: a ZeRO-1 piece, or an FSDP rank's dim-0 shard (``torch.chunk`` rows, the last ranks
+holding fewer or none); a parameter is reassembled from its pieces, which must cover it exactly.
 
 Memory: every output file is written by a streaming safetensors writer (header first, then each
 tensor as it is produced), and all TP shards of one pipeline stage are written side by side, so each
@@ -199,9 +201,6 @@ class SourceCheckpoint:
                     "optimizer state cannot be resharded (written by an older neox?); reshard with --weights-only"
                 )
             index = json.loads(idx_f.read_text())
-            if index.get("fsdp"):
-                raise CheckpointError(f"checkpoint {self.step_dir} holds FSDP (zero_stage 2/3) optimizer state, "
-                                      "which cannot be resharded; use --weights-only")
             sd = torch.load(opt_f, map_location="cpu", weights_only=True, mmap=True)
             self._native[rank] = sd
             masters = "masters" in index

@@ -9,18 +9,21 @@ Optimizer state comes in two on-disk forms:
 * native (what training writes): ``extra/optim_rankNNNNN.pt``, this rank's ``optimizer.state_dict()``,
   plus ``extra/optim_index_rankNNNNN.json`` saying which parameter (global name) and which flat range
   ``[lo, hi)`` of its TP-local tensor each optimizer slot holds. Fast and exact, but only valid for the
-  same TP x PP x DP layout and optimizer kind (plain / fp32 masters / ZeRO-1).
+  same TP x PP x DP layout and optimizer kind (plain / fp32 masters / ZeRO-1 / FSDP). Under FSDP
+  (ZeRO-2/3) the file holds this rank's dim-0 shards as plain tensors (``DTensor.to_local()``), each
+  slot's ``[lo, hi)`` being the flat range of the whole tensor that the shard covers.
 * universal (what ``tools/reshard.py`` writes): ``extra/optim_tpXX_ppYY.safetensors`` holding, for every
   parameter of that model shard, its per-element state as whole TP-local tensors (``NAME.exp_avg``,
   ``NAME.exp_avg_sq``, ``NAME.master``...) and ``extra/optim_universal.json`` with the scalar state
   (Adam's ``step``) and the loss scaler. Any DP size and optimizer kind loads it: each rank slices the
-  pieces it owns (the whole tensor without ZeRO, its ZeRO-1 shard with it).
+  pieces it owns (the whole tensor without ZeRO, its ZeRO-1 piece, or its FSDP dim-0 shard).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -73,9 +76,10 @@ def shard_state(model) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
     return tensors, partition
 
 
-def model_tensor_entries(model, tp_size: int) -> dict[str, dict]:
-    """Manifest entries (global shape, partition dim) for this rank's parameters."""
-    tensors, partition = shard_state(model)
+def model_tensor_entries(model, tp_size: int, state: tuple[dict, dict] | None = None) -> dict[str, dict]:
+    """Manifest entries (global shape, partition dim) for this rank's parameters (``state``: the
+    ``shard_state(model)`` already taken, else it is taken here)."""
+    tensors, partition = state if state is not None else shard_state(model)
     entries = {}
     for name, t in tensors.items():
         dim = partition[name]
@@ -120,20 +124,23 @@ def save_checkpoint(run_dir, iteration: int, *, model, optimizer, config: NeoXCo
     tp, pp, dp = (ps.tp_size, ps.pp_size, ps.dp_size) if ps is not None else (1, 1, 1)
     tp_rank, pp_rank, dp_rank = (ps.tp_rank, ps.pp_rank, ps.dp_rank) if ps is not None else (0, 0, 0)
     rank = ps.rank if ps is not None else 0
-    entries = _gather_entries(model_tensor_entries(model, tp), ps)
+    # every rank takes the model state: under FSDP each tensor is gathered whole, a collective
+    state = shard_state(model)
+    entries = _gather_entries(model_tensor_entries(model, tp, state), ps)
+    sd = state[0] if dp_rank == 0 else None  # only DP rank 0 writes the model shard
+    del state
     index = None
     if optimizer is not None:
         index = optimizer_index(optimizer, model)
         index.update(tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank, layout={"tp": tp, "pp": pp, "dp": dp})
 
     def fill_rank(tmp: Path) -> None:
-        if dp_rank == 0:
-            sd, _ = shard_state(model)
+        if sd is not None:
             save_file(sd, str(tmp / shard_file_name(tp_rank, pp_rank)), metadata={"format": "pt"})
         extra = tmp / "extra"
         extra.mkdir(exist_ok=True)
         if optimizer is not None:
-            torch.save(optimizer.state_dict(), extra / f"optim_rank{rank:05d}.pt")
+            torch.save(native_optimizer_state(optimizer), extra / f"optim_rank{rank:05d}.pt")
             (extra / optim_index_file_name(rank)).write_text(json.dumps(index))
         if save_rng:
             rng = rng_state()
@@ -256,24 +263,86 @@ def _has_masters(optimizer) -> bool:
     return hasattr(optimizer, "pieces")  # MixedPrecisionOptimizer / DistributedOptimizer (ZeRO-1)
 
 
+def _is_fsdp(param) -> bool:
+    return hasattr(param, "full_tensor") and hasattr(param, "to_local")  # an FSDP2 DTensor parameter
+
+
+def fsdp_shard(param) -> tuple[int, int, list[int]]:
+    """(lo, hi, local shape) of this rank's FSDP2 shard of ``param``: its flat range of the whole tensor.
+
+    FSDP2 splits dim 0 as ``torch.chunk`` does: ``ceil(n / dp)`` rows per rank, so the last ranks
+    hold fewer rows or none (n=5, dp=4: 2, 2, 1, 0). A block of whole rows of a contiguous tensor is
+    one flat range, the same vocabulary as a ZeRO-1 piece."""
+    from torch.distributed.tensor import Shard
+
+    mesh, placements = param.device_mesh, tuple(param.placements)
+    assert mesh.ndim == 1 and placements == (Shard(0),), f"FSDP param placed as {placements}, expected (Shard(0),)"
+    dp, rank = mesh.size(), mesh.get_local_rank()
+    n, row = param.shape[0], math.prod(param.shape[1:])
+    per = -(-n // dp)
+    start = min(rank * per, n)
+    stop = min(start + per, n)
+    local = [stop - start, *param.shape[1:]]
+    assert list(param.to_local().shape) == local, f"FSDP shard {list(param.to_local().shape)} != computed {local}"
+    return start * row, stop * row, local
+
+
+def _as_fsdp_shard(local: torch.Tensor, param) -> torch.Tensor:
+    """A plain local shard -> a DTensor placed like ``param`` (uneven shards: global shape given)."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local.to(param.device), param.device_mesh, param.placements, run_check=False,
+                              shape=param.shape, stride=param.stride())
+
+
 def _slots(optimizer) -> list[tuple[torch.nn.Parameter, int, int]]:
     """(model param, lo, hi) of every slot of the inner torch optimizer, in its state_dict index order.
 
     A slot is the flat range ``[lo, hi)`` of the param's TP-local tensor that the slot's state covers:
-    the whole param, or its ZeRO-1 piece (the fp32 master of ``param.view(-1)[lo:hi]``)."""
+    the whole param, its ZeRO-1 piece (the fp32 master of ``param.view(-1)[lo:hi]``), or its FSDP
+    dim-0 shard (``fsdp_shard``)."""
     inner = _inner(optimizer)
     if _has_masters(optimizer):
         piece_of = {id(pc.master): pc for pc in optimizer.pieces}
         return [(piece_of[id(m)].param, piece_of[id(m)].lo, piece_of[id(m)].hi)
                 for g in inner.param_groups for m in g["params"]]
-    return [(p, 0, p.numel()) for g in inner.param_groups for p in g["params"]]
+    return [(p, *fsdp_shard(p)[:2]) if _is_fsdp(p) else (p, 0, p.numel())
+            for g in inner.param_groups for p in g["params"]]
+
+
+def native_optimizer_state(optimizer) -> dict:
+    """What training saves: ``optimizer.state_dict()``, FSDP DTensor state as this rank's plain shards
+    (so the file is read without torch.distributed, by ``tools/reshard.py`` too)."""
+    sd = optimizer.state_dict()
+    if _has_masters(optimizer):
+        return sd
+    state = {i: {k: v.to_local() if _is_fsdp(v) else v for k, v in s.items()} for i, s in sd["state"].items()}
+    return {**sd, "state": state}
+
+
+def _native_fsdp_to_dtensors(sd: dict, optimizer, where: Path) -> dict:
+    """Inverse of ``native_optimizer_state`` for an FSDP optimizer of the same layout."""
+    slots = _slots(optimizer)
+    state = {}
+    for i, s in sd["state"].items():
+        p = slots[int(i)][0]
+        entry = {}
+        for k, v in s.items():
+            if _is_fsdp(p) and torch.is_tensor(v) and v.dim() > 0 and not _is_fsdp(v):
+                if list(v.shape) != fsdp_shard(p)[2]:
+                    raise CheckpointError(f"optimizer state {k!r} of slot {i} in {where} has shape {list(v.shape)}, "
+                                          f"this rank's FSDP shard {fsdp_shard(p)[2]}; the layout differs")
+                v = _as_fsdp_shard(v, p)
+            entry[k] = v
+        state[i] = entry
+    return {**sd, "state": state}
 
 
 def optimizer_index(optimizer, model) -> dict:
     """What each slot of this rank's native optimizer state holds (saved beside it as JSON), so that
     tools/reshard.py can read native state of any layout without rebuilding the optimizer."""
     names = _param_names(model)
-    fsdp = any(hasattr(p, "full_tensor") for p, _, _ in _slots(optimizer)) if not _has_masters(optimizer) else False
+    fsdp = any(_is_fsdp(p) for p, _, _ in _slots(optimizer)) if not _has_masters(optimizer) else False
     index = {"class": type(optimizer).__qualname__, "fsdp": fsdp,
              "slots": [[names[id(p)], lo, hi] for p, lo, hi in _slots(optimizer)]}
     if _has_masters(optimizer):
@@ -315,7 +384,10 @@ def load_optimizer_state(step_dir: Path, manifest: Mapping, optimizer, model, ps
         )
     if not f.is_file():
         raise CheckpointError(f"checkpoint {step_dir} has no optimizer state for rank {rank} ({f.name})")
-    optimizer.load_state_dict(torch.load(f, weights_only=True, map_location="cpu"))
+    sd = torch.load(f, weights_only=True, map_location="cpu")
+    if not _has_masters(optimizer) and any(_is_fsdp(p) for p, _, _ in _slots(optimizer)):
+        sd = _native_fsdp_to_dtensors(sd, optimizer, f)
+    optimizer.load_state_dict(sd)
 
 
 def scalar_to_json(value) -> dict:
@@ -330,9 +402,11 @@ def scalar_from_json(entry: Mapping):
 
 @torch.no_grad()
 def load_universal_optimizer(step_dir: Path, optimizer, model, ps=None) -> None:
-    """Fill ``optimizer`` (plain torch, fp32 masters, or ZeRO-1 of any DP size) from universal state.
+    """Fill ``optimizer`` (plain torch, fp32 masters, ZeRO-1 or FSDP ZeRO-2/3, of any DP size) from
+    universal state.
 
-    Every slot takes its ``[lo, hi)`` range of the TP-local tensors stored for its parameter; the
+    Every slot takes its ``[lo, hi)`` range of the TP-local tensors stored for its parameter (under
+    FSDP: this rank's dim-0 shard, wrapped as a DTensor placed like the parameter); the
     hyperparameters (lr, betas, weight decay) stay those of this run's optimizer, the learning rate
     being set by the schedule each step anyway. A tied embedding copy on the last pipeline stage
     reads the first stage's state (the copies are equal: same init, same summed grads).
@@ -347,9 +421,6 @@ def load_universal_optimizer(step_dir: Path, optimizer, model, ps=None) -> None:
     names = _param_names(model)
     shared = {id(p) for m in _modules(model) for p in m.parameters() if is_shared_copy(m, p)}
     slots = _slots(optimizer)
-    if any(hasattr(p, "full_tensor") for p, _, _ in slots) and not _has_masters(optimizer):
-        raise CheckpointError("universal optimizer state cannot be loaded into an FSDP (zero_stage 2/3) "
-                              "optimizer; train with zero_stage 0 or 1, or load the weights only")
     with contextlib.ExitStack() as stack:
         handles: dict[int, tuple] = {}
 
@@ -380,7 +451,12 @@ def load_universal_optimizer(step_dir: Path, optimizer, model, ps=None) -> None:
             for key in meta["keys"].get(names[id(p)], ()):
                 if key != "master":
                     t = stored(p, key)[lo:hi]
-                    entry[key] = t.clone() if _has_masters(optimizer) else t.view(p.shape).clone()
+                    if _has_masters(optimizer):
+                        entry[key] = t.clone()
+                    elif _is_fsdp(p):
+                        entry[key] = _as_fsdp_shard(t.view(fsdp_shard(p)[2]).clone(), p)
+                    else:
+                        entry[key] = t.view(p.shape).clone()
             for key, value in meta["scalars"].get(names[id(p)], {}).items():
                 entry[key] = scalar_from_json(value)
             if entry:
