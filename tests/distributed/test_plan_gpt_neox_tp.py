@@ -27,7 +27,7 @@ from neox.config.plan import (
 )
 from neox.models.gpt_neox import GPTNeoX
 from neox.models.parallel import ParallelOptions
-from tests.unit.test_plan_gpt_neox import (
+from tests.saved_bytes import (
     cpu_attention_kernel,
     cpu_attention_mask_bytes,
     cpu_dropout_mask_bytes,

@@ -25,7 +25,7 @@ from neox.config.plan import (
 )
 from neox.models.parallel import ParallelOptions
 from neox.models.rwkv import RWKV
-from tests.unit.test_plan_rwkv import saved_bytes
+from tests.saved_bytes import saved_bytes
 
 TP, S, B, D, F, LAYERS, VOCAB = 2, 16, 2, 32, 96, 3, 200
 

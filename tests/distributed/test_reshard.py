@@ -75,13 +75,18 @@ def _load_and_continue(cfg_dict: dict, run_dir: str, control: bool) -> dict:
     stage = _stage(cfg, ps)
     start = stage.load(run_dir)
     out = {"start": start, "consumed": stage.consumed_samples, "losses": _continue(stage, start)}
-    if control:  # same weights and data position, fresh optimizer state
-        fresh = _stage(cfg, ps)
-        state = load_checkpoint(run_dir, model=list(fresh.engine.chunks), optimizer=None, ps=ps)
-        fresh.consumed_samples = int(state["consumed_samples"])
-        fresh._it = fresh._train_batches(fresh.consumed_samples)
-        out["control"] = _continue(fresh, start)
+    if control:
+        out["control"] = _continue_with_fresh_optimizer(cfg, ps, run_dir, start)
     return out
+
+
+def _continue_with_fresh_optimizer(cfg, ps, run_dir: str, start: int) -> list[float]:
+    """The control: the checkpoint's weights and data position, a fresh optimizer state (must NOT match)."""
+    fresh = _stage(cfg, ps)
+    state = load_checkpoint(run_dir, model=list(fresh.engine.chunks), optimizer=None, ps=ps)
+    fresh.consumed_samples = int(state["consumed_samples"])
+    fresh._it = fresh._train_batches(fresh.consumed_samples)
+    return _continue(fresh, start)
 
 
 def _rel(a, b) -> float:

@@ -24,8 +24,17 @@ from torch import nn
 from megatron_ext.testing import run_distributed
 from megatron_ext.topology import ParallelState
 from neox.checkpoint.reshard import reshard_checkpoint
-from neox.checkpoint.training_state import load_checkpoint, shard_state
-from tests.distributed.test_reshard import GLOBAL_BATCH, SAVE_AT, _cfg, _check_weights_equal, _continue, _rel, _stage
+from neox.checkpoint.training_state import shard_state
+from tests.distributed.test_reshard import (
+    GLOBAL_BATCH,
+    SAVE_AT,
+    _cfg,
+    _check_weights_equal,
+    _continue,
+    _continue_with_fresh_optimizer,
+    _rel,
+    _stage,
+)
 
 UNEVEN = dict(hidden_size=30, num_attention_heads=3, rotary_pct=1.0)  # head_dim 10
 
@@ -61,12 +70,8 @@ def _load_and_continue(cfg_dict: dict, run_dir: str, control: bool) -> dict:
     start = stage.load(run_dir)
     out = {"start": start, "consumed": stage.consumed_samples, "losses": _continue(stage, start),
            "weights": _weights(stage)}
-    if control:  # same weights and data position, fresh optimizer state
-        fresh = _stage(cfg, ps)
-        state = load_checkpoint(run_dir, model=list(fresh.engine.chunks), optimizer=None, ps=ps)
-        fresh.consumed_samples = int(state["consumed_samples"])
-        fresh._it = fresh._train_batches(fresh.consumed_samples)
-        out["control"] = _continue(fresh, start)
+    if control:
+        out["control"] = _continue_with_fresh_optimizer(cfg, ps, run_dir, start)
     return out
 
 

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megatron_ext.topology import ParallelState
@@ -37,60 +36,16 @@ from neox.config.plan import (
 )
 from neox.models.gpt_neox import GPTNeoX
 from neox.models.parallel import ParallelOptions
+from tests.saved_bytes import (
+    DTYPES,
+    cpu_attention_kernel,
+    cpu_attention_mask_bytes,
+    cpu_dropout_mask_bytes,
+    cpu_norm_stat_bytes,
+    saved_bytes,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
-DTYPES = {torch.float32: 4, torch.bfloat16: 2}
-
-
-def saved_bytes(module: torch.nn.Module, fn):
-    """(bytes autograd saves while running fn(), fn's result): unique storages, parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in params:
-            seen.setdefault(ptr, storage.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(seen.values()), out
-
-
-def _saved(fn, x: torch.Tensor) -> list[torch.Tensor]:
-    out: list[torch.Tensor] = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: out.append(t) or t, lambda t: t):
-        fn(x)
-    return out
-
-
-def cpu_norm_stat_bytes(dtype: torch.dtype) -> int:
-    """Element size of the per-token mean/rstd a plain torch LayerNorm saves on this CPU."""
-    x = torch.randn(2, 3, 8, dtype=dtype, requires_grad=True)
-    stats = [t for t in _saved(torch.nn.LayerNorm(8).to(dtype), x) if t.shape == (2, 3, 1)]
-    assert len(stats) == 2
-    return stats[0].element_size()
-
-
-def cpu_dropout_mask_bytes(dtype: torch.dtype) -> int:
-    """Bytes per element of what a plain torch dropout saves on this CPU (the mask or scaled noise)."""
-    x = torch.randn(4, 8, dtype=dtype, requires_grad=True)
-    saved = _saved(lambda t: F.dropout(t, 0.5, training=True), x)
-    return sum(t.untyped_storage().nbytes() for t in saved if t.untyped_storage().data_ptr() != x.data_ptr()) // 32
-
-
-def cpu_attention_kernel(dtype: torch.dtype, dropout_p: float) -> str:
-    """The SDPA kernel a plain causal call runs on this CPU, named as the planner names them."""
-    q = torch.randn(1, 2, 8, 16, dtype=dtype, requires_grad=True)
-    name = type(F.scaled_dot_product_attention(q, q, q, dropout_p=dropout_p, is_causal=True).grad_fn).__name__
-    return "flash" if "Flash" in name else "efficient" if "Efficient" in name else "math"
-
-
-def cpu_attention_mask_bytes(dtype: torch.dtype) -> int:
-    """The math kernel drops its probabilities in fp32 for 16-bit inputs (torch upcasts): that mask's size."""
-    return cpu_dropout_mask_bytes(torch.promote_types(dtype, torch.float32))
 
 
 def _cfg(d: int, heads: int, f: int, s: int, *, layers: int = 3, vocab: int = 100, parallel: bool = False,

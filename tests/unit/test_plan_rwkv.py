@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megatron_ext.topology import ParallelState
 from neox.config import ModelConfig, flops_per_token, load_config
@@ -34,9 +33,9 @@ from neox.config.plan import (
 )
 from neox.models.parallel import ParallelOptions
 from neox.models.rwkv import RWKV
+from tests.saved_bytes import DTYPES, cpu_dropout_mask_bytes, cpu_norm_stat_bytes, saved_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
-DTYPES = {torch.float32: 4, torch.bfloat16: 2}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,51 +44,6 @@ def _wkv_extension():
 
     if prebuild("cpu") != "cpu":  # the pure-torch fallback saves per-step tensors; the planner models the kernel
         pytest.skip("the WKV CPU extension cannot be built here; the planner models the extension's saves")
-
-
-def saved_bytes(module: torch.nn.Module, fn):
-    """(bytes autograd saves while running fn(), fn's result): unique storages, parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in params:
-            seen.setdefault(ptr, storage.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(seen.values()), out
-
-
-def _probe_saved(fn, x: torch.Tensor) -> list[torch.Tensor]:
-    saved: list[torch.Tensor] = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(x)
-    return saved
-
-
-def cpu_norm_stat_bytes(dtype: torch.dtype) -> int:
-    """Element size of the per-token mean/rstd a plain torch LayerNorm saves on this CPU."""
-    x = torch.randn(2, 3, 8, dtype=dtype, requires_grad=True)
-    norm = torch.nn.LayerNorm(8).to(dtype)
-    stats = [t for t in _probe_saved(norm, x) if t.shape == (2, 3, 1)]
-    assert len(stats) == 2
-    return stats[0].element_size()
-
-
-def cpu_dropout_mask_bytes(dtype: torch.dtype) -> int:
-    """Bytes per element of what a plain torch dropout saves on this CPU (the mask or scaled noise)."""
-    x = torch.randn(4, 8, dtype=dtype, requires_grad=True)
-    saved = _probe_saved(lambda t: F.dropout(t, 0.5, training=True), x)
-    return sum(t.untyped_storage().nbytes() for t in saved if t.untyped_storage().data_ptr() != x.data_ptr()) // 32
 
 
 def _cfg(d: int, f: int, s: int, layers: int = 3, vocab: int = 100, dropout: float = 0.0) -> ModelConfig:
