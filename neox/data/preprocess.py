@@ -437,12 +437,20 @@ def preprocess(
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
             with mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(settings,)) as pool:
                 pending: deque = deque()
-                for task in tasks:
-                    pending.append(pool.apply_async(encode_task, (task,)))
-                    if len(pending) >= 2 * workers + 2:
+                try:
+                    for task in tasks:
+                        pending.append(pool.apply_async(encode_task, (task,)))
+                        if len(pending) >= 2 * workers + 2:
+                            consume(pending.popleft().get())
+                    while pending:
                         consume(pending.popleft().get())
-                while pending:
-                    consume(pending.popleft().get())
+                except BaseException:
+                    # Let the workers finish their few queued chunks and exit before the pool is torn down:
+                    # Pool.terminate() right away can kill a worker that holds the task queue's lock, and
+                    # then waits on that lock forever (a bad input line hung a CI run this way).
+                    pool.close()
+                    pool.join()
+                    raise
         bar.close()
         for key, w in writers.items():
             if w.num_documents == 0:
