@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from neox.config import NeoXConfig
+from neox.inference import rnn
 from neox.inference.rnn import RWKVStepper
 from neox.models import CausalLM
 from neox.ops import rwkv_step
@@ -87,16 +88,8 @@ def test_every_kernel_matches_forward_rnn(lm, isa, batch, monkeypatch):
     stepper = RWKVStepper(lm)
     assert stepper._cpp is not None and stepper._cpp.isa == isa
     ids = _ids(lm, batch)
-    # batch 6 is two passes over the weights (4 + 2 rows); RWKVStepper sends it to the torch step, so call
-    # the C++ stepper directly there
-    if batch > 4:
-        state = stepper.init_state(batch)
-        got = []
-        for x in ids:
-            logits = stepper._cpp.step(x, *state)
-            got.append((logits.clone(), stepper.to_model_state(state)))
-    else:
-        got = _run(stepper, ids, batch)
+    assert batch <= rnn.CPP_MAX_BATCH  # batch 6 is two passes over the weights (4 + 2 rows), still C++
+    got = _run(stepper, ids, batch)
     _assert_same(got, _reference(lm, ids, batch))
 
 
