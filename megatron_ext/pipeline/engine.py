@@ -3,7 +3,8 @@
 Bookkeeping per (microbatch, chunk): received inputs wait in ``inputs`` until their Forward, the
 (input, output) pair waits in ``saved`` until its Backward, received output-grads in ``out_grads``,
 input-grads in ``in_grads`` until they are sent. Everything is dropped as soon as it was used, so peak
-memory follows the schedule (1F1B keeps at most pp - rank microbatches in flight per chunk).
+memory follows the schedule (1F1B keeps at most pp - rank microbatches in flight per chunk), and a sent
+output keeps only its autograd node, not its values (``_release_output_data``).
 """
 
 from __future__ import annotations
@@ -110,7 +111,11 @@ def run_schedule(
             del x, out
         else:
             assert isinstance(action, Exchange), f"unknown pipeline action {action!r}"
-            _run_exchange(action, ps, shape, dtype, device, forward_only, inputs, to_send, out_grads, in_grads)
+            sent = _run_exchange(action, ps, shape, dtype, device, forward_only, inputs, to_send, out_grads,
+                                 in_grads)
+            for key in sent:
+                if key in saved:
+                    _release_output_data(saved[key][1])
 
     assert not saved and not out_grads and not in_grads and not inputs and not to_send, "schedule left work undone"
     if rank == pp - 1:  # holds model stage pp*vpp - 1 (its last chunk)
@@ -118,14 +123,26 @@ def run_schedule(
     return []
 
 
+def _release_output_data(out: torch.Tensor) -> None:
+    """Free a sent stage output's values, keeping its autograd node.
+
+    Backward only needs the output's grad_fn and shape (its gradient arrives from the next stage), yet
+    holding the tensor keeps e*s*b*h bytes per micro-batch in flight. As Megatron does, swap its data for
+    one element, expanded so shape checks still pass. Storage that autograd saved itself (an op that
+    keeps its own output) stays alive through that saved copy, so backward stays exact."""
+    out.data = torch.empty(1, dtype=out.dtype, device=out.device).expand(out.shape)
+
+
 def _run_exchange(action: Exchange, ps, shape, dtype, device, forward_only, inputs, to_send, out_grads,
-                  in_grads) -> None:
-    ops, landed = [], []
+                  in_grads) -> list[tuple[int, int]]:
+    """Run one batched exchange; returns the (microbatch, chunk) keys whose activations were sent."""
+    ops, landed, sent = [], [], []
     for op in action.ops:
         key = (op.microbatch, op.chunk)
         peer = ps.pp_ranks[op.peer]
         if isinstance(op, SendActivation):
             ops.append(("send", to_send.pop(key), peer))
+            sent.append(key)
         elif isinstance(op, SendGrad):
             ops.append(("send", in_grads.pop(key), peer))
         else:
@@ -133,8 +150,9 @@ def _run_exchange(action: Exchange, ps, shape, dtype, device, forward_only, inpu
             ops.append(("recv", buf, peer))
             landed.append((inputs if isinstance(op, RecvActivation) else out_grads, key, buf))
             assert isinstance(op, (RecvActivation, RecvGrad))
-    p2p.exchange(ops, ps.pp_group)
+    p2p.exchange(ops, ps.pp_group)  # returns when every send and receive is complete
     for store, key, buf in landed:
         if store is inputs and not forward_only:
             buf.requires_grad_(True)
         store[key] = buf
+    return sent

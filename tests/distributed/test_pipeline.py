@@ -128,6 +128,48 @@ def test_schedules_equal_single_process(pp):
     _check(results, pp)
 
 
+def _released_outputs(pp: int) -> dict:
+    """1F1B over residual layers (the add keeps no copy of its output): once sent, a stage's outputs hold
+    one element each, and the gradients still equal one process's."""
+    ps = ParallelState.from_sizes(tp=1, pp=pp)
+    m, layers = 4, _layers()
+    (a, b), = partition_layers(L, pp, 1)[ps.pp_rank]
+    chunk, last = nn.ModuleList(layers[a:b]), ps.is_last_stage
+    outs: dict[int, torch.Tensor] = {}
+
+    def forward_step(c: int, mb: int, x):
+        h, target = _batch(mb, ps.dp_rank)
+        h = h if x is None else x
+        for lin in chunk:
+            h = lin(h) + h
+        if last:
+            return F.mse_loss(h, target) / m
+        outs[mb] = h
+        return h
+
+    sizes = []
+    run_schedule(get_schedule("1f1b", pp, ps.pp_rank, m), ps=ps, chunks=[chunk], forward_step=forward_step,
+                 num_microbatches=m, tensor_shape=(B, T, D), dtype=torch.float32, device="cpu",
+                 on_last_backward=lambda c: sizes.extend(o.untyped_storage().nbytes() for o in outs.values()))
+    ref = _layers()
+    for mb in range(m):
+        h, target = _batch(mb, ps.dp_rank)
+        for lin in ref:
+            h = lin(h) + h
+        (F.mse_loss(h, target) / m).backward()
+    err = max((p.grad - r.grad).abs().max().item() for i in range(a, b)
+              for p, r in zip(layers[i].parameters(), ref[i].parameters()))
+    return {"sizes": sizes, "outs": len(outs), "err": err}
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+def test_sent_outputs_release_their_values(pp):
+    for rank, res in enumerate(run_distributed(_released_outputs, pp, pp, timeout=60)):
+        assert res["err"] <= TOL, (rank, res)
+        if rank < pp - 1:  # every output was sent before the stage's last backward
+            assert res["outs"] == 4 and res["sizes"] == [4] * 4, (rank, res)
+
+
 def test_pp2_dp2_independent_replicas():
     # 4 ranks, pp groups [0, 2] and [1, 3]: peers must be mapped to global ranks; each replica has its own data
     cases = [("1f1b", 1, 4), ("interleaved", 2, 4), ("forward_only", 2, 4)]
