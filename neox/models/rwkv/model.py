@@ -36,12 +36,11 @@ from megatron_ext.tensor_parallel import (
     VocabParallelEmbedding,
     gather_from_sequence_parallel_region,
     scatter_to_tensor_parallel_region,
-    vocab_parallel_cross_entropy,
-    vocab_parallel_linear_cross_entropy_sum,
 )
 from megatron_ext.topology import ParallelState
 from neox.config import ModelConfig
 from neox.models.init_methods import derive_seed, seeded
+from neox.models.lm_loss import fused_head_loss, logits_loss
 from neox.models.parallel import Dropout, ParallelOptions, checkpoint_with_rng, resolve_stage
 from neox.models.rwkv.init import (
     channel_mix_schedule,
@@ -366,34 +365,15 @@ class RWKV(nn.Module):
 
     def fused_loss(self, h: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
         """Normed hidden states [B, T(/tp), D] -> masked-mean loss (same semantics as `loss`)."""
-        if self.sequence_parallel:  # backward reduce-scatters, which sums the vocab shards' partial grads
-            h = gather_from_sequence_parallel_region(h, self.ps, SEQ_DIM)  # [B, T, D]
-        if labels.shape != h.shape[:2]:
-            raise ValueError(f"labels must be [B, T] = {list(h.shape[:2])}, got {list(labels.shape)}")
-        stat = torch.float64 if h.dtype == torch.float64 else torch.float32
-        valid = labels >= 0  # HF's -100 is ignored
-        w = valid.to(stat) if loss_mask is None else valid.to(stat) * loss_mask.to(stat)  # [B, T]
-        w = w / w.sum().clamp(min=torch.finfo(stat).tiny)
-        return vocab_parallel_linear_cross_entropy_sum(
-            h.reshape(-1, h.shape[-1]), self.lm_head.weight, labels.clamp(min=0).reshape(-1), self.ps,
-            token_weight=w.reshape(-1), real_vocab_size=self.cfg.vocab_size,
-            reduce_grad_input=not self.sequence_parallel)
+        weight = self.lm_head.weight  # [Vpad/tp, D]
+        return fused_head_loss(h, weight, labels, loss_mask, self.ps, self.cfg.vocab_size,
+                               sequence_parallel=self.sequence_parallel, seq_dim=SEQ_DIM)
 
     def loss(self, logits_local: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None,
              reduction: str = "mean") -> torch.Tensor:
         """Cross entropy of logits [B, T, Vpad/tp] against shifted labels [B, T] (< 0 ignored), weighted
         by loss_mask; padded vocab columns take no mass. reduction "mean" (weighted) or "none" ([B, T])."""
-        valid = labels >= 0
-        per_token = vocab_parallel_cross_entropy(logits_local, labels.clamp(min=0), self.ps,
-                                                 real_vocab_size=self.cfg.vocab_size)  # [B, T]
-        if reduction == "none":
-            return per_token.masked_fill(~valid, 0.0)
-        if reduction != "mean":
-            raise ValueError(f"loss reduction must be 'mean' or 'none', got {reduction!r}")
-        weight = valid.to(per_token.dtype)
-        if loss_mask is not None:
-            weight = weight * loss_mask.to(per_token.dtype)
-        return (per_token * weight).sum() / weight.sum().clamp(min=torch.finfo(weight.dtype).tiny)
+        return logits_loss(logits_local, labels, loss_mask, self.ps, self.cfg.vocab_size, reduction)
 
 
 def _run_chunk(layers: list[Block], x: torch.Tensor) -> torch.Tensor:
