@@ -1,6 +1,5 @@
 """DataParallel (bucketed grad buffers) equals single-process training over the global batch."""
 
-import io
 
 import pytest
 import torch
@@ -13,13 +12,7 @@ from megatron_ext.topology import ParallelState
 
 
 def run(fn, world: int, *args):
-    """run_distributed, with results shipped as torch.save bytes: multiprocessing's tensor sharing
-    (file descriptors) races with the child's exit, so tensors must not be returned directly."""
-    def wrapped(*a):
-        buf = io.BytesIO()
-        torch.save(fn(*a), buf)
-        return buf.getvalue()
-    return [torch.load(io.BytesIO(b), weights_only=False) for b in run_distributed(wrapped, world, *args, timeout=60)]
+    return run_distributed(fn, world, *args, timeout=60)  # results come back through torch.save
 
 
 GLOBAL_BATCH, STEPS, LR = 24, 3, 1e-2

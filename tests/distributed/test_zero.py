@@ -1,7 +1,6 @@
 """ZeRO-1 DistributedOptimizer equals unsharded AdamW (params, losses, gathered optimizer state)."""
 
 import copy
-import io
 
 import pytest
 import torch
@@ -14,13 +13,7 @@ from megatron_ext.topology import ParallelState
 
 
 def run(fn, world: int, *args):
-    """run_distributed, with results shipped as torch.save bytes: multiprocessing's tensor sharing
-    (file descriptors) races with the child's exit, so tensors must not be returned directly."""
-    def wrapped(*a):
-        buf = io.BytesIO()
-        torch.save(fn(*a), buf)
-        return buf.getvalue()
-    return [torch.load(io.BytesIO(b), weights_only=False) for b in run_distributed(wrapped, world, *args, timeout=60)]
+    return run_distributed(fn, world, *args, timeout=60)  # results come back through torch.save
 
 
 GLOBAL_BATCH, STEPS, LR, WD = 24, 3, 1e-2, 0.1
